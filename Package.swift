@@ -1,0 +1,77 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+/// Every Swift target builds in Swift 6 language mode with warnings treated as errors.
+let strict: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .treatAllWarnings(as: .error),
+]
+
+let package = Package(
+    name: "Flotilla",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "flotilla-vmm", targets: ["flotilla-vmm"]),
+        .executable(name: "flotillad", targets: ["flotillad"]),
+        .executable(name: "flotillactl", targets: ["flotillactl"]),
+        .library(name: "Protocol", targets: ["Protocol"]),
+        .library(name: "VMMWorker", targets: ["VMMWorker"]),
+        .library(name: "Supervisor", targets: ["Supervisor"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+    ],
+    targets: [
+        // Pure Swift: configuration model, JSON, QMP wire types. No syscalls.
+        .target(name: "Protocol", swiftSettings: strict),
+
+        // C shims: ioctl request numbers and KVM structures Swift cannot import directly.
+        .target(name: "CKVM"),
+        // C shims: _GNU_SOURCE-only libc functions (pthread naming, prctl, pidfd, ...).
+        .target(name: "CLinux"),
+
+        .target(
+            name: "VMMWorker",
+            dependencies: [
+                "Protocol", "CKVM", "CLinux",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "Supervisor",
+            dependencies: [
+                "Protocol", "CLinux",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+
+        .executableTarget(
+            name: "flotilla-vmm",
+            dependencies: ["Protocol", "VMMWorker"],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "flotillad",
+            dependencies: [
+                "Supervisor", "Protocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "flotillactl",
+            dependencies: [
+                "Protocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict
+        ),
+
+        .testTarget(name: "ProtocolTests", dependencies: ["Protocol"], swiftSettings: strict),
+        .testTarget(name: "VMMWorkerTests", dependencies: ["VMMWorker", "Protocol"], swiftSettings: strict),
+        .testTarget(name: "SupervisorTests", dependencies: ["Supervisor", "Protocol"], swiftSettings: strict),
+    ]
+)

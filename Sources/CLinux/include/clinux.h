@@ -1,0 +1,3 @@
+#ifndef FLOTILLA_CLINUX_H
+#define FLOTILLA_CLINUX_H
+#endif

@@ -1,0 +1,1 @@
+// The VMM library; see DESIGN.md for its layout.

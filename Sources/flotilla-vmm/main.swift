@@ -1,0 +1,2 @@
+import Protocol
+print("flotilla-vmm")
