@@ -29,9 +29,11 @@ struct ConfigLayer: Equatable {
     ///   whole JSON section.
     func overriding(_ base: ConfigLayer) -> ConfigLayer {
         func merge<T>(_ base: [T], _ top: [T], id: (T) -> String) -> [T] {
+            // Only entries from `base` are replaced, so that a duplicate id within one source
+            // survives to validation and is reported rather than silently collapsed.
             var result = base
             for item in top {
-                if let index = result.firstIndex(where: { id($0) == id(item) }) {
+                if let index = base.firstIndex(where: { id($0) == id(item) }) {
                     result[index] = item
                 } else {
                     result.append(item)
