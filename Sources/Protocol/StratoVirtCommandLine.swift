@@ -79,7 +79,8 @@ public enum StratoVirtCommandLine {
             help: "run in the background; returns once the VM is set up and the api-channel accepts", repeatable: false),
         .init(name: "iothread", argument: "id=ID", help: "named I/O thread, at most 8, unique ids", repeatable: true),
         .init(name: "balloon", argument: "deflate-on-oom=on|off", help: "virtio-balloon device (not with -mem-path)", repeatable: false),
-        .init(name: "mem-path", argument: "DIR", help: "back guest memory with a file in DIR (hugetlbfs for huge pages)", repeatable: false),
+        .init(
+            name: "mem-path", argument: "DIR", help: "back guest memory with a file in DIR (hugetlbfs for huge pages)", repeatable: false),
         .init(
             name: "rng", argument: "random_file=PATH[,bytes_per_sec=N]",
             help: "virtio-rng device; bytes_per_sec 64 to 1000000000 (default unlimited)", repeatable: false),

@@ -54,7 +54,8 @@ extension VMConfig {
         for iothread in iothreads {
             try ConfigRules.checkID(iothread.id, field: "-iothread id / iothread.id")
             guard iothreadIDs.insert(iothread.id).inserted else {
-                throw ConfigError(field: "-iothread id / iothread.id", value: iothread.id, problem: "duplicate iothread id", allowed: "unique ids")
+                throw ConfigError(
+                    field: "-iothread id / iothread.id", value: iothread.id, problem: "duplicate iothread id", allowed: "unique ids")
             }
         }
         func checkIothread(_ name: String?, field: String) throws(ConfigError) {
@@ -93,7 +94,8 @@ extension VMConfig {
                     problem: "invalid tap device name", allowed: "1 to 15 bytes")
             }
             if let mac = net.mac, mac.isMulticast {
-                throw ConfigError(field: "-netdev mac / net.mac", value: mac.description, problem: "multicast MAC address", allowed: "a unicast address")
+                throw ConfigError(
+                    field: "-netdev mac / net.mac", value: mac.description, problem: "multicast MAC address", allowed: "a unicast address")
             }
             try checkIothread(net.iothread, field: "-netdev iothread / net.iothread")
         }

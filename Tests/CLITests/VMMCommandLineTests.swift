@@ -1,5 +1,5 @@
-import Foundation
 import FlotillaTestSupport
+import Foundation
 import Protocol
 import Testing
 
@@ -11,15 +11,17 @@ struct VMMCommandLineTests {
     func printConfigRoundTrip() throws {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
-        let first = try run(vmm, [
-            "-name", "demo", "-kernel", "/boot/vmlinux", "-append", "console=ttyS0", "root=/dev/vda",
-            "-smp", "2", "-m", "1G", "-iothread", "id=io1",
-            "-drive", "id=rootfs,file=/img,,1,serial=S1,iops=300,iothread=io1,direct=off",
-            "-netdev", "id=net0,netdev=tap0,mac=52:54:00:12:34:56",
-            "-chardev", "id=con0,path=/run/con.sock", "-device", "vsock,id=vs,guest-cid=7",
-            "-serial", "stdio", "-balloon", "deflate-on-oom=on", "-rng", "random_file=/dev/urandom,bytes_per_sec=1000",
-            "--print-config",
-        ])
+        let first = try run(
+            vmm,
+            [
+                "-name", "demo", "-kernel", "/boot/vmlinux", "-append", "console=ttyS0", "root=/dev/vda",
+                "-smp", "2", "-m", "1G", "-iothread", "id=io1",
+                "-drive", "id=rootfs,file=/img,,1,serial=S1,iops=300,iothread=io1,direct=off",
+                "-netdev", "id=net0,netdev=tap0,mac=52:54:00:12:34:56",
+                "-chardev", "id=con0,path=/run/con.sock", "-device", "vsock,id=vs,guest-cid=7",
+                "-serial", "stdio", "-balloon", "deflate-on-oom=on", "-rng", "random_file=/dev/urandom,bytes_per_sec=1000",
+                "--print-config",
+            ])
         #expect(first.status == 0, "\(first.standardError)")
         let json = directory.file("vm.json")
         try first.standardOutput.write(toFile: json, atomically: true, encoding: .utf8)
@@ -35,12 +37,14 @@ struct VMMCommandLineTests {
     func configErrorExit() throws {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
-        let result = try run(vmm, [
-            "-kernel", "/boot/vmlinux", "-smp", "255",
-            "-api-channel", "unix:" + directory.file("qmp.sock"),
-            "-D", directory.file("vm.log"),
-            "-daemonize", "-pidfile", directory.file("vm.pid"),
-        ])
+        let result = try run(
+            vmm,
+            [
+                "-kernel", "/boot/vmlinux", "-smp", "255",
+                "-api-channel", "unix:" + directory.file("qmp.sock"),
+                "-D", directory.file("vm.log"),
+                "-daemonize", "-pidfile", directory.file("vm.pid"),
+            ])
         #expect(result.status == 1)
         #expect(result.standardError.contains("-smp cpus '255'") && result.standardError.contains("1 to 254"))
         let leftovers = try directory.contents()

@@ -51,7 +51,8 @@ struct CommandLineTests {
             vm.drives == [
                 DriveConfig(id: "d0", path: "/d0.img", readOnly: true, direct: false, serial: "SN,1", iothread: "io1", iops: 200)
             ])
-        #expect(vm.nets == [NetConfig(id: "n0", hostDeviceName: "tap0", mac: MACAddress(0x0e, 0x90, 0xdf, 0x9f, 0xa8, 0x88), iothread: "io2")])
+        #expect(
+            vm.nets == [NetConfig(id: "n0", hostDeviceName: "tap0", mac: MACAddress(0x0e, 0x90, 0xdf, 0x9f, 0xa8, 0x88), iothread: "io2")])
         #expect(vm.consoles == [ConsoleConfig(id: "c0", socketPath: "/run/console.sock")])
         #expect(vm.vsock == VsockConfig(id: "v0", guestCID: 3))
         #expect(vm.serial == SerialConfig(stdio: true))
@@ -191,12 +192,15 @@ struct CommandLineTests {
         let five = consoles + ["-device", "vsock,id=v,guest-cid=3", "-balloon", "deflate-on-oom=on", "-rng", "random_file=/dev/random"]
         #expect(try config(kernel + five).mmioDeviceCount == 11)
         let twelve = try #require(configError(kernel + five + ["-chardev", "id=c9,path=/c9"]))
-        #expect(twelve.description.contains("too many MMIO devices") && twelve.description.contains("'12'") && twelve.description.contains("at most 11"))
+        #expect(
+            twelve.description.contains("too many MMIO devices") && twelve.description.contains("'12'")
+                && twelve.description.contains("at most 11"))
 
         let iothreads = (0..<8).flatMap { ["-iothread", "id=io\($0)"] }
         #expect(try config(kernel + iothreads).iothreads.count == 8)
         let ninth = try #require(configError(kernel + iothreads + ["-iothread", "id=io8"]))
-        #expect(ninth.description.contains("too many iothreads") && ninth.description.contains("'9'") && ninth.description.contains("0 to 8"))
+        #expect(
+            ninth.description.contains("too many iothreads") && ninth.description.contains("'9'") && ninth.description.contains("0 to 8"))
     }
 
     @Test("ids: unique iothreads, unique devices, iothread references resolve")

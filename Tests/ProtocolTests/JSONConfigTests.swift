@@ -74,7 +74,9 @@ struct JSONConfigTests {
             bootArgs: "console=ttyS0 reboot=k panic=1 pci=off tsc=reliable ipv6.disable=1 root=/dev/vda quiet rw"),
         machine: MachineConfig(vcpuCount: 2, memoryBytes: 268_435_456),
         drives: [
-            DriveConfig(id: "rootfs", path: "/path/to/rootfs", readOnly: false, direct: true, serial: "11111111", iothread: "iothread2", iops: 200_000)
+            DriveConfig(
+                id: "rootfs", path: "/path/to/rootfs", readOnly: false, direct: true, serial: "11111111", iothread: "iothread2",
+                iops: 200_000)
         ],
         nets: [NetConfig(id: "net0", hostDeviceName: "tap0", mac: MACAddress(0x0e, 0x90, 0xdf, 0x9f, 0xa8, 0x88), iothread: "iothread1")],
         consoles: [ConsoleConfig(id: "charconsole0", socketPath: "/path/to/console.socket")],
@@ -84,7 +86,8 @@ struct JSONConfigTests {
 
     @Test("the reference's JSON example and the same VM as a command line give equal VMConfigs")
     func referenceExample() throws {
-        let fromJSON = try config(["-config", "/home/config.json", "-api-channel", "unix:/tmp/stratovirt.socket"], files: ["/home/config.json": referenceJSON])
+        let fromJSON = try config(
+            ["-config", "/home/config.json", "-api-channel", "unix:/tmp/stratovirt.socket"], files: ["/home/config.json": referenceJSON])
         let fromCLI = try config(referenceJSONAsCommandLine)
         #expect(fromJSON == expectedReferenceVM)
         #expect(fromCLI == fromJSON)
@@ -105,7 +108,8 @@ struct JSONConfigTests {
         #expect(try VMConfig(json: Array(hugePages.jsonValue.compactText.utf8)) == hugePages)
         // Keys come out in the order of the reference's Table 2.
         let keys = try #require(everything.jsonValue.objectValue?.keys)
-        #expect(keys == ["name", "boot-source", "machine-config", "drive", "net", "console", "vsock", "serial", "iothread", "balloon", "rng"])
+        #expect(
+            keys == ["name", "boot-source", "machine-config", "drive", "net", "console", "vsock", "serial", "iothread", "balloon", "rng"])
     }
 
     @Test("alias spellings of machine-config keys")
@@ -120,22 +124,58 @@ struct JSONConfigTests {
     static let rejections: [(String, [String])] = [
         (#"{"boot-source": {"kernel_image_path": "/k"}, "bogus": 1}"#, ["vm.json: bogus", "unknown field", "boot-source"]),
         (#"{"boot-source": {"kernel_image_path": "/k", "cmdline": "x"}}"#, ["boot-source.cmdline", "unknown field", "boot_args"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "drive": [{"drive_id": "d", "path_on_host": "/d", "cache": 1}]}"#, ["drive[0].cache", "unknown field"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 0}}"#, ["machine-config.vcpu_count", "'0'", "1 to 254"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 255}}"#, ["machine-config.vcpu_count", "'255'", "1 to 254"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": "2"}}"#, ["machine-config.vcpu_count", "non-negative integer"]),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "drive": [{"drive_id": "d", "path_on_host": "/d", "cache": 1}]}"#,
+            ["drive[0].cache", "unknown field"]
+        ),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 0}}"#,
+            ["machine-config.vcpu_count", "'0'", "1 to 254"]
+        ),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 255}}"#,
+            ["machine-config.vcpu_count", "'255'", "1 to 254"]
+        ),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": "2"}}"#,
+            ["machine-config.vcpu_count", "non-negative integer"]
+        ),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 2.5}}"#, ["machine-config.vcpu_count", "'2.5'"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"mem_size": 268431360}}"#, ["machine-config.mem_size", "'268431360'", "256 MiB"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"mem_size": 549755817984}}"#, ["machine-config.mem_size", "'549755817984'", "512 GiB"]),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"mem_size": 268431360}}"#,
+            ["machine-config.mem_size", "'268431360'", "256 MiB"]
+        ),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"mem_size": 549755817984}}"#,
+            ["machine-config.mem_size", "'549755817984'", "512 GiB"]
+        ),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"type": "pc"}}"#, ["machine-config.type", "'pc'", "MicroVm"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"dump_guest_core": "off"}}"#, ["machine-config.dump_guest_core", "boolean"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "drive": [{"drive_id": "d", "path_on_host": "/d", "iops": 1000001}]}"#, ["drive[0].iops", "'1000001'", "1000000"]),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"dump_guest_core": "off"}}"#,
+            ["machine-config.dump_guest_core", "boolean"]
+        ),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "drive": [{"drive_id": "d", "path_on_host": "/d", "iops": 1000001}]}"#,
+            ["drive[0].iops", "'1000001'", "1000000"]
+        ),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "drive": [{"drive_id": "d"}]}"#, ["drive[0].path_on_host", "is required"]),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "drive": {"drive_id": "d"}}"#, ["drive", "expected an array"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "net": [{"iface_id": "n", "host_dev_name": "tap0", "mac": "zz"}]}"#, ["net[0].mac", "'zz'", "six hex octets"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"vsock_id": "v", "guest_cid": 2}}"#, ["vsock.guest_cid", "'2'", "3 to 4294967294"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "rng": {"random_file": "/dev/random", "bytes_per_sec": 63}}"#, ["rng.bytes_per_sec", "'63'", "64 to 1000000000"]),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "balloon": {"deflate_on_oom": true}, "machine-config": {"mem_path": "/hp"}}"#, ["mem_path", "'/hp'", "-balloon"]),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "net": [{"iface_id": "n", "host_dev_name": "tap0", "mac": "zz"}]}"#,
+            ["net[0].mac", "'zz'", "six hex octets"]
+        ),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"vsock_id": "v", "guest_cid": 2}}"#,
+            ["vsock.guest_cid", "'2'", "3 to 4294967294"]
+        ),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "rng": {"random_file": "/dev/random", "bytes_per_sec": 63}}"#,
+            ["rng.bytes_per_sec", "'63'", "64 to 1000000000"]
+        ),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "balloon": {"deflate_on_oom": true}, "machine-config": {"mem_path": "/hp"}}"#,
+            ["mem_path", "'/hp'", "-balloon"]
+        ),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "iothread": [{"id": "a"}, {"id": "a"}]}"#, ["iothread.id", "'a'", "duplicate"]),
         (#"{"machine-config": {"vcpu_count": 1}}"#, ["kernel_image_path", "required"]),
         (#"{"boot-source": {"kernel_image_path": "/k"}"#, ["vm.json", "invalid JSON", "line 1"]),
