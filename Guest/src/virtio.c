@@ -82,13 +82,13 @@ void virtio_probe_all(const char *cmdline)
 		struct virtio_mmio_dev *d = &sc->dev[i];
 		/* Only the identical-mapped 4 GiB is reachable; the registers need 0x100 bytes. */
 		if (d->base + 0x100 > 0x100000000UL || d->size < 0x100 || (d->base & 3)) {
-			kprintf("flotilla-guest: fact device virtio-mmio base=0x%lx irq=%u unreachable\n", d->base, d->irq);
+			kprintf("flotilla-guest: fact device-bad virtio-mmio base=0x%lx irq=%u reason=unreachable\n", d->base, d->irq);
 			bad++;
 			continue;
 		}
 		u32 magic = vm_read(d, VIRTIO_MMIO_MAGIC_VALUE);
 		if (magic != VIRTIO_MMIO_MAGIC) {
-			kprintf("flotilla-guest: fact device virtio-mmio base=0x%lx irq=%u bad-magic=0x%x\n",
+			kprintf("flotilla-guest: fact device-bad virtio-mmio base=0x%lx irq=%u reason=bad-magic magic=0x%x\n",
 				d->base, d->irq, magic);
 			bad++;
 			continue;
