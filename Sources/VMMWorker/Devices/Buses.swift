@@ -71,9 +71,15 @@ public struct PortIOBus: Sendable {
 
 /// An MMIO device (virtio-mmio transports will be added here).
 public enum MMIODevice: Sendable {
-    /// A pre-announced virtio-mmio slot with nothing plugged in: every register reads 0, so
-    /// the guest sees DeviceID 0 ("no device") and leaves it alone; writes are ignored.
+    /// A pre-announced virtio-mmio slot with nothing plugged in. Like QEMU's empty
+    /// transport it reads MagicValue "virt" (0x000) and Version 2 (0x004), and DeviceID 0
+    /// (0x008), which virtio 1.x §4.2.2 defines as "no device": Linux's virtio_mmio probe
+    /// then leaves the slot alone. Every other register reads 0; writes are ignored.
     case emptySlot
+
+    /// MagicValue: "virt" as a little-endian u32 (virtio 1.x §4.2.2).
+    static let virtioMagic: UInt32 = 0x7472_6976
+    static let virtioVersion: UInt32 = 2
 }
 
 /// The MMIO bus: a short table of guest-physical ranges. Unclaimed addresses read as zero
@@ -95,13 +101,19 @@ public struct MMIOBus: Sendable {
 
     @inline(__always)
     func access(address: UInt64, length: Int, isWrite: Bool, data: UnsafeMutableRawPointer) {
+        if !isWrite { data.initializeMemory(as: UInt8.self, repeating: 0, count: length) }
         for entry in entries where address &- entry.base < entry.size {
             switch entry.device {
             case .emptySlot:
-                break
+                guard !isWrite, length == 4 else { return }
+                let register = switch address - entry.base {
+                case 0x000: MMIODevice.virtioMagic
+                case 0x004: MMIODevice.virtioVersion
+                default: UInt32(0)
+                }
+                data.storeBytes(of: register.littleEndian, as: UInt32.self)
             }
-            break
+            return
         }
-        if !isWrite { data.initializeMemory(as: UInt8.self, repeating: 0, count: length) }
     }
 }
