@@ -40,4 +40,38 @@ struct GuestBootTests {
         #expect(text.contains("flotilla-guest: fact cpus online=\(vcpus)"), "\(text)")
         if getenv("FLOTILLA_SHOW_GUEST") != nil { print(text) }
     }
+
+    @Test("passes an initrd the guest can checksum", arguments: images)
+    func initrd(image: String) throws {
+        // 300 KiB + 5 bytes of a pattern: not a page multiple, so placement alignment matters.
+        let bytes = (0..<(300 * 1024 + 5)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 9) }
+        let path = try temporaryFile(bytes)
+        defer { unlink(path) }
+        let output = try OutputCollector()
+        let config = VMConfig(name: "guest", boot: BootSource(kernelImagePath: guestImage(image), bootArgs: "console=ttyS0", initrdPath: path),
+                              machine: MachineConfig(vcpuCount: 1, memoryBytes: 256 << 20))
+        let vm = try MicroVM(config: config, serialOutput: FileDescriptor(rawValue: output.writeFD))
+        try vm.start()
+        let reason = vm.waitForExit(timeoutNanoseconds: 120_000_000_000)
+        if reason == nil { vm.requestShutdown() }
+        let text = output.drain()
+        #expect(reason == .guestReset, "\(text)")
+        let expected = "flotilla-guest: fact initrd size=\(bytes.count) crc32=\(crc32Hex(bytes))"
+        #expect(text.contains(expected), "\(text)")
+        #expect(text.contains("flotilla-guest: check initrd ok"), "\(text)")
+        #expect(text.contains(" fail=0"), "\(text)")
+        let initrd = try #require(vm.bootInfo.initrd)
+        #expect(initrd.address % 4096 == 0 && initrd.address + initrd.size <= 256 << 20)
+    }
+}
+
+/// CRC-32/IEEE (zlib's crc32), as the guest reports it.
+func crc32Hex(_ bytes: [UInt8]) -> String {
+    var crc: UInt32 = 0xffff_ffff
+    for byte in bytes {
+        crc ^= UInt32(byte)
+        for _ in 0..<8 { crc = crc & 1 != 0 ? (crc >> 1) ^ 0xedb8_8320 : crc >> 1 }
+    }
+    let digits = String(crc ^ 0xffff_ffff, radix: 16)
+    return String(repeating: "0", count: 8 - digits.count) + digits
 }

@@ -46,6 +46,7 @@ struct MicroVMTests {
             Issue.record("expected a failure, got \(reason)")
             return
         }
+        if getenv("FLOTILLA_SHOW_GUEST") != nil { print(message) }
         #expect(message.contains("RIP=0x0000000000100001"))
         #expect(message.contains("code at RIP"))
         #expect(reason.exitCode != 0)
@@ -59,6 +60,7 @@ struct MicroVMTests {
             Issue.record("expected a failure, got \(reason)")
             return
         }
+        if getenv("FLOTILLA_SHOW_GUEST") != nil { print(message) }
         #expect(message.contains("RIP="))
     }
 
