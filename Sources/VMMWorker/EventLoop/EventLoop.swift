@@ -14,7 +14,7 @@ public final class EventLoop: Sendable {
     }
 
     private struct State {
-        var handlers: [UInt64: (fd: Int32, handler: Handler)] = [:]
+        var handlers: [UInt64: (fd: Int32, ownsFD: Bool, handler: Handler)] = [:]
         var nextToken: UInt64 = 1
         var pending: [@Sendable () -> Void] = []
         var stopped = false
@@ -50,6 +50,7 @@ public final class EventLoop: Sendable {
     }
 
     deinit {
+        for entry in state.withLock({ Array($0.handlers.values) }) where entry.ownsFD { Syscall.close(entry.fd) }
         Syscall.close(wakeFD)
         Syscall.close(epollFD)
     }
@@ -58,10 +59,14 @@ public final class EventLoop: Sendable {
     /// must unregister before closing it.
     @discardableResult
     public func register(fd: Int32, events: UInt32, handler: @escaping Handler) throws(SyscallError) -> Token {
+        try register(fd: fd, events: events, ownsFD: false, handler: handler)
+    }
+
+    private func register(fd: Int32, events: UInt32, ownsFD: Bool, handler: @escaping Handler) throws(SyscallError) -> Token {
         let token = state.withLock { state in
             let token = state.nextToken
             state.nextToken += 1
-            state.handlers[token] = (fd, handler)
+            state.handlers[token] = (fd, ownsFD, handler)
             return token
         }
         var event = epoll_event()
@@ -90,6 +95,30 @@ public final class EventLoop: Sendable {
         guard let entry = state.withLock({ $0.handlers.removeValue(forKey: token.value) }) else { return }
         var event = epoll_event()
         _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, entry.fd, &event)
+        if entry.ownsFD { Syscall.close(entry.fd) }
+    }
+
+    /// A timerfd that calls `handler` on the loop thread every `intervalNanoseconds`
+    /// (first after one interval) until unregistered; the loop owns the descriptor.
+    public func addTimer(intervalNanoseconds: UInt64, handler: @escaping @Sendable () -> Void) throws(SyscallError) -> Token {
+        let fd = try Syscall.once("timerfd_create") {
+            timerfd_create(CLOCK_MONOTONIC, Int32(TFD_CLOEXEC | TFD_NONBLOCK))
+        }
+        var spec = itimerspec()
+        spec.it_interval.tv_sec = Int(intervalNanoseconds / 1_000_000_000)
+        spec.it_interval.tv_nsec = Int(intervalNanoseconds % 1_000_000_000)
+        spec.it_value = spec.it_interval
+        do {
+            _ = try Syscall.once("timerfd_settime") { timerfd_settime(fd, 0, &spec, nil) }
+            return try register(fd: fd, events: EPOLLIN.rawValue, ownsFD: true) { _ in
+                var expirations: UInt64 = 0
+                _ = withUnsafeMutableBytes(of: &expirations) { Glibc.read(fd, $0.baseAddress, 8) }
+                handler()
+            }
+        } catch {
+            Syscall.close(fd)
+            throw error
+        }
     }
 
     /// Runs `work` on the loop thread soon.
