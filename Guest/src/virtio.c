@@ -1,0 +1,117 @@
+/*
+ * Flotilla test guest: virtio-mmio discovery from "virtio_mmio.device=" kernel
+ * parameters (Linux's <size>@<baseaddr>:<irq>[:<id>] syntax) and dispatch to
+ * per-device-type drivers.
+ */
+#include "virtio.h"
+
+#define MAX_VIRTIO_DEVICES 32
+
+/* Add drivers here: { VIRTIO_ID_BLOCK, "virtio-blk", virtio_blk_probe }, ... */
+static const struct virtio_driver drivers[] = {
+	{ 0, NULL, NULL },
+};
+
+struct virtio_scan {
+	struct virtio_mmio_dev dev[MAX_VIRTIO_DEVICES];
+	u32 count;
+	u32 bad_syntax;
+};
+static struct virtio_scan vscan;
+
+static void virtio_param(const char *key, size_t keylen, const char *val, size_t vallen, void *ctx)
+{
+	struct virtio_scan *sc = ctx;
+	if (!param_is(key, keylen, "virtio_mmio.device"))
+		return;
+	u64 size, base, irq;
+	size_t n, pos = 0;
+	if (!val || !parse_memsize(val, vallen, &size, &n) || !size) {
+		sc->bad_syntax++;
+		return;
+	}
+	pos = n;
+	if (pos >= vallen || val[pos] != '@' ||
+	    !parse_memsize(val + pos + 1, vallen - pos - 1, &base, &n)) {
+		sc->bad_syntax++;
+		return;
+	}
+	pos += 1 + n;
+	if (pos >= vallen || val[pos] != ':' ||
+	    !parse_uint(val + pos + 1, vallen - pos - 1, &irq, &n) || irq > 0xffffffffu) {
+		sc->bad_syntax++;
+		return;
+	}
+	pos += 1 + n;
+	/* An optional ":<platform device id>" may follow; anything else is an error. */
+	if (pos < vallen) {
+		u64 id;
+		if (val[pos] != ':' || !parse_uint(val + pos + 1, vallen - pos - 1, &id, &n) ||
+		    pos + 1 + n != vallen) {
+			sc->bad_syntax++;
+			return;
+		}
+	}
+	if (sc->count >= MAX_VIRTIO_DEVICES) {
+		sc->bad_syntax++;
+		return;
+	}
+	struct virtio_mmio_dev *d = &sc->dev[sc->count];
+	d->base = base;
+	d->size = size;
+	d->irq = (u32)irq;
+	d->index = sc->count++;
+}
+
+static const struct virtio_driver *find_driver(u32 device_id)
+{
+	for (u32 i = 0; i < ARRAY_SIZE(drivers); i++)
+		if (drivers[i].probe && drivers[i].device_id == device_id)
+			return &drivers[i];
+	return NULL;
+}
+
+void virtio_probe_all(const char *cmdline)
+{
+	struct virtio_scan *sc = &vscan;
+	memset(sc, 0, sizeof(*sc));
+	parse_params(cmdline, virtio_param, sc);
+
+	u32 empty = 0, bad = 0, legacy = 0, driver_fail = 0;
+	for (u32 i = 0; i < sc->count; i++) {
+		struct virtio_mmio_dev *d = &sc->dev[i];
+		/* Only the identical-mapped 4 GiB is reachable; the registers need 0x100 bytes. */
+		if (d->base + 0x100 > 0x100000000UL || d->size < 0x100 || (d->base & 3)) {
+			kprintf("flotilla-guest: fact device-bad virtio-mmio base=0x%lx irq=%u reason=unreachable\n", d->base, d->irq);
+			bad++;
+			continue;
+		}
+		u32 magic = vm_read(d, VIRTIO_MMIO_MAGIC_VALUE);
+		if (magic != VIRTIO_MMIO_MAGIC) {
+			kprintf("flotilla-guest: fact device-bad virtio-mmio base=0x%lx irq=%u reason=bad-magic magic=0x%x\n",
+				d->base, d->irq, magic);
+			bad++;
+			continue;
+		}
+		d->version = vm_read(d, VIRTIO_MMIO_VERSION);
+		d->device_id = vm_read(d, VIRTIO_MMIO_DEVICE_ID);
+		d->vendor_id = vm_read(d, VIRTIO_MMIO_VENDOR_ID);
+		if (d->device_id == 0) {
+			empty++;          /* an empty hot-plug slot; Linux ignores it too */
+			continue;
+		}
+		kprintf("flotilla-guest: fact device virtio-mmio base=0x%lx irq=%u device_id=%u vendor=0x%x version=%u\n",
+			d->base, d->irq, d->device_id, d->vendor_id, d->version);
+		if (d->version != 2) {
+			legacy++;
+			continue;
+		}
+		const struct virtio_driver *drv = find_driver(d->device_id);
+		if (drv && !drv->probe(d))
+			driver_fail++;
+	}
+	kprintf("flotilla-guest: fact device-slots total=%u empty=%u\n", sc->count, empty);
+	check("virtio-mmio", bad == 0 && legacy == 0 && sc->bad_syntax == 0 && driver_fail == 0,
+	      "slots=%u empty=%u bad=%u not-modern=%u bad-syntax=%u driver-fail=%u",
+	      sc->count, empty, bad, legacy, sc->bad_syntax, driver_fail);
+}

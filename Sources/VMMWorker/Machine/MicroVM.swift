@@ -1,0 +1,169 @@
+import CLinux
+import Glibc
+import Protocol
+import SystemPackage
+
+/// An x86_64 KVM MicroVm built from a ``VMConfig``: guest memory, the loaded kernel, the
+/// in-kernel IRQ chip and PIT, the legacy devices, and one thread per vCPU.
+///
+/// Lifecycle: `init` builds everything (and fails with a clear error); ``start()`` runs the
+/// vCPUs; ``pause()``/``resume()``; the VM ends on ``requestShutdown()``, a guest reset or
+/// power-off, or a failure. Learn that it ended with ``waitForExit()`` (blocking, from a
+/// dedicated thread) or by watching ``exitEventFD`` in an epoll loop, then ``exitReason``.
+///
+/// Sendable: every stored property is an immutable reference to a Sendable object.
+public final class MicroVM: Sendable {
+    public let name: String
+    public let vcpuCount: Int
+    public let memory: GuestMemory
+    public let vm: VirtualMachine
+    public let bootInfo: BootInfo
+    public let serial: Serial8250
+    public let i8042: I8042
+    let ports: PortIOBus
+    let mmio: MMIOBus
+    let supportedCPUID: [CPUIDEntry]
+    let control: MachineControl
+
+    /// Builds the VM. `serialOutput` receives the guest's ttyS0 output (nil discards it);
+    /// `virtioSlots` are announced on the kernel command line (none yet).
+    public init(config: VMConfig, serialOutput: FileDescriptor?, virtioSlots: [VirtioMMIOSlot] = []) throws {
+        let machine = config.machine
+        name = config.name ?? "flotilla"
+        guard (1...MPTable.maxVCPUs).contains(machine.vcpuCount) else {
+            throw MachineError(.invalidConfig, "machine-config vcpu_count \(machine.vcpuCount) is out of range: 1 to \(MPTable.maxVCPUs) are allowed")
+        }
+        guard virtioSlots.count <= Layout.virtioMaxSlots else {
+            throw MachineError(.invalidConfig, "\(virtioSlots.count) virtio-mmio devices requested; at most \(Layout.virtioMaxSlots) fit the legacy IRQs")
+        }
+        vcpuCount = machine.vcpuCount
+        control = try MachineControl()
+
+        let system = try KVMSystem()
+        let maxVCPUs = try system.maxVCPUs()
+        guard vcpuCount <= maxVCPUs else {
+            throw MachineError(.invalidConfig, "machine-config vcpu_count \(vcpuCount) exceeds this host's KVM limit of \(maxVCPUs)")
+        }
+        supportedCPUID = try system.supportedCPUID()
+        vm = try system.createVM()
+        try vm.setTSSAddress(Layout.tssAddress)
+        try vm.setIdentityMapAddress(Layout.identityMapAddress)
+        try vm.createIRQChip()
+        try vm.createPIT2()
+
+        memory = try GuestMemory(size: machine.memoryBytes,
+                                 options: GuestMemoryOptions(memPath: machine.memPath, shared: machine.memShare, dumpable: machine.dumpGuestCore))
+        try vm.register(memory)
+
+        let kernel = try FileImage(path: config.boot.kernelImagePath)
+        let initrd = try config.boot.initrdPath.map { try FileImage(path: $0) }
+        bootInfo = try BootLoader.load(kernel: kernel, initrd: initrd, arguments: config.boot.bootArgs, slots: virtioSlots,
+                                       vcpus: vcpuCount, memory: memory)
+
+        serial = Serial8250(output: serialOutput?.rawValue, interrupt: InterruptLine(irq: Layout.serialIRQ, vm: vm))
+        let control = self.control
+        i8042 = I8042(onReset: { control.stop(.guestReset) })
+        var ports = PortIOBus()
+        ports.register(.serial(serial), start: Layout.serialPortBase, count: 8)
+        ports.register(.i8042(i8042), start: Layout.i8042DataPort, count: 1)
+        ports.register(.i8042(i8042), start: Layout.i8042CommandPort, count: 1)
+        self.ports = ports
+        var mmio = MMIOBus()
+        for slot in virtioSlots { mmio.register(.emptySlot, base: slot.base, size: slot.size) }
+        self.mmio = mmio
+    }
+
+    deinit {
+        // Threads hold their own references to what they use; make sure they end.
+        control.stop(.requested)
+    }
+
+    /// Starts one thread per vCPU (named `<name>-vcpu<N>`), each creating and configuring
+    /// its vCPU; returns once all are set up and running, or throws the first set-up error.
+    public func start() throws {
+        let alreadyStarted = control.lock.withLock { s -> Bool in
+            if s.phase != .created { return true }
+            return false
+        }
+        if alreadyStarted { throw MachineError(.state, "the VM was already started") }
+        control.prepare(vcpus: vcpuCount)
+        for index in 0..<vcpuCount {
+            do {
+                try NativeThread.spawn(name: NativeThread.vcpuThreadName(vmName: name, index: index)) { [self] in
+                    vcpuThreadMain(index)
+                }
+            } catch {
+                // Threads already started see the failure and stop; the ones never started
+                // count as ended so that the VM can finish.
+                let message = "cannot start the thread of vCPU \(index): \(error)"
+                _ = control.reportReadyAndWait(index, failure: message)
+                for missing in index..<vcpuCount { control.vcpuExited(missing, reason: .failed(message)) }
+                _ = control.awaitReadyAndGo()
+                throw MachineError(.startFailed, "cannot start vCPU \(index)", cause: error)
+            }
+        }
+        if let failure = control.awaitReadyAndGo() {
+            throw MachineError(.startFailed, "vCPU set-up failed: \(failure)")
+        }
+    }
+
+    private func vcpuThreadMain(_ index: Int) {
+        _ = fl_unblock_signal(NativeThread.kickSignal)
+        control.registerThread(index)
+        let vcpu: VirtualCPU
+        do {
+            vcpu = try vm.createVCPU(index: index)
+            control.registerVCPU(vcpu)
+            let cpuid = CPUIDTemplate.configure(supportedCPUID, index: index, count: vcpuCount)
+            try VCPUSetup.configureCommon(vcpu, cpuid: cpuid)
+            if index == 0 {
+                try VCPUSetup.configureBootProcessor(vcpu, entry: bootInfo.entry)
+            }
+            // Application processors keep KVM's reset state (KVM_MP_STATE_UNINITIALIZED with
+            // the in-kernel LAPIC) and wait for the guest's INIT–SIPI–SIPI.
+        } catch {
+            let message = "vCPU \(index) set-up: \(error)"
+            _ = control.reportReadyAndWait(index, failure: message)
+            control.vcpuExited(index, reason: .failed(message))
+            return
+        }
+        guard control.reportReadyAndWait(index, failure: nil) else {
+            control.vcpuExited(index, reason: nil)
+            return
+        }
+        let runner = VCPURunner(vcpu: vcpu, ports: ports, mmio: mmio, memory: memory, control: control)
+        let reason = runner.run()
+        control.vcpuExited(index, reason: reason)
+    }
+
+    /// Stops every vCPU outside KVM_RUN; returns when all are parked.
+    public func pause() throws { try control.pause() }
+
+    /// Lets paused vCPUs run again.
+    public func resume() throws { try control.resume() }
+
+    /// Ends the VM (reason ``VMExitReason/requested`` unless it already ended otherwise).
+    /// Returns at once; use ``waitForExit()`` or ``exitEventFD`` to learn when it is over.
+    public func requestShutdown() { control.stop(.requested) }
+
+    /// Blocks the calling thread until every vCPU thread has ended.
+    public func waitForExit() -> VMExitReason { control.waitForExit() }
+
+    /// Like ``waitForExit()`` with a time limit; nil if the VM is still running.
+    public func waitForExit(timeoutNanoseconds: UInt64) -> VMExitReason? {
+        control.waitForExit(timeoutNanoseconds: timeoutNanoseconds)
+    }
+
+    /// Non-blocking: the reason once the VM has ended, else nil.
+    public var exitReason: VMExitReason? { control.reason }
+
+    /// An eventfd (EFD_NONBLOCK) that becomes readable when the VM has ended. Owned by the VM.
+    public var exitEventFD: FileDescriptor { FileDescriptor(rawValue: control.exitEventFD) }
+
+    /// For QMP `query-status`.
+    public var guestState: GuestState { control.guestState }
+
+    /// Host input for the guest's serial port; returns how many bytes were accepted.
+    @discardableResult
+    public func enqueueSerialInput(_ bytes: some Collection<UInt8>) -> Int { serial.enqueueInput(bytes) }
+}
