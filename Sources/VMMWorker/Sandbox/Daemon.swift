@@ -12,6 +12,9 @@ public enum Daemon {
     static let readinessFD: Int32 = 3
     static let readyByte = UInt8(ascii: "R")
 
+    /// True in the daemon that ``launch(arguments:log:)`` started (its readiness pipe is inherited).
+    public static var isDaemonProcess: Bool { getenv(readinessVariable) != nil }
+
     /// Starts the daemon and waits for its word. Returns the exit status for this process.
     public static func launch(arguments: [String], log: (String) -> Void) -> Int32 {
         var ends: [Int32] = [-1, -1]

@@ -128,9 +128,14 @@ private final class Worker: Sendable {
         defer { server?.close() }
         let qmp = server
 
-        var signalFD: Int32 = -1
+        let signalFD: Int32
         do {
             signalFD = try Syscall.once("signalfd") { signalfd(-1, &mask, Int32(SFD_CLOEXEC | SFD_NONBLOCK)) }
+        } catch {
+            return startupFailure("cannot create the signalfd: \(error)")
+        }
+        defer { Syscall.close(signalFD) }
+        do {
             try loop.register(fd: signalFD, events: EPOLLIN.rawValue) { [self] _ in
                 var info = signalfd_siginfo()
                 while withUnsafeMutableBytes(of: &info, { Glibc.read(signalFD, $0.baseAddress, $0.count) }) > 0 {
@@ -145,10 +150,8 @@ private final class Worker: Sendable {
                 loop.stop()
             }
         } catch {
-            if signalFD >= 0 { Syscall.close(signalFD) }
             return startupFailure("cannot set up the main loop: \(error)")
         }
-        defer { Syscall.close(signalFD) }
 
         var terminal: RawTerminal?
         if config.serial?.stdio == true {
