@@ -53,7 +53,8 @@ public enum QMP {
             return .failure(InputError(description: "QMP input member '\(key)' is unexpected", id: id))
         }
         if object["exec-oob"] != nil {
-            return .failure(InputError(description: "QMP input member 'exec-oob' is unexpected: out-of-band execution is not enabled", id: id))
+            return .failure(
+                InputError(description: "QMP input member 'exec-oob' is unexpected: out-of-band execution is not enabled", id: id))
         }
         guard let execute = object["execute"] else {
             return .failure(InputError(description: "QMP input lacks member 'execute'", id: id))

@@ -60,9 +60,10 @@ struct QMPTests {
     @Test("the stream splitter finds messages across and within writes")
     func splitter() {
         var splitter = JSONStreamSplitter()
-        #expect(splitter.append(Array(#"{"execute": "a", "arguments": {"s": "}{\"x"}}{"exe"#.utf8)) == [
-            .message(Array(#"{"execute": "a", "arguments": {"s": "}{\"x"}}"#.utf8))
-        ])
+        #expect(
+            splitter.append(Array(#"{"execute": "a", "arguments": {"s": "}{\"x"}}{"exe"#.utf8)) == [
+                .message(Array(#"{"execute": "a", "arguments": {"s": "}{\"x"}}"#.utf8))
+            ])
         #expect(splitter.append(Array(#"cute": "b"}"#.utf8)) == [.message(Array(#"{"execute": "b"}"#.utf8))])
         #expect(splitter.append(Array("\r\n  [1, [2]] 42 ".utf8)) == [.message(Array("[1, [2]]".utf8)), .message(Array("42".utf8))])
         #expect(splitter.append(Array("}".utf8)) == [.garbage("unexpected '}'")])

@@ -22,7 +22,9 @@ enum UnixSocket {
     /// over an existing file fails with EADDRINUSE, and nothing is unlinked that we did not create.
     static func listen(path: String, mode: mode_t, backlog: Int32 = 16) throws(SyscallError) -> Int32 {
         var (address, length) = try address(path)
-        let fd = try Syscall.once("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0) }
+        let fd = try Syscall.once("socket") {
+            socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0)
+        }
         do {
             _ = try Syscall.once("bind") {
                 withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }

@@ -263,3 +263,19 @@ final class QMPConnection: @unchecked Sendable {
         onClose(fd)
     }
 }
+
+/// Where command handlers send events: the server, once it exists (handlers are built
+/// before the server they are registered with).
+public final class QMPEventSink: Sendable {
+    private let server = Mutex<QMPServer?>(nil)
+
+    public init() {}
+
+    public func attach(_ server: QMPServer) {
+        self.server.withLock { $0 = server }
+    }
+
+    public func emit(_ name: String, data: JSONObject = JSONObject()) {
+        server.withLock { $0 }?.broadcast(event: name, data: data)
+    }
+}

@@ -113,10 +113,11 @@ private final class Worker: Sendable {
         }
 
         var server: QMPServer?
+        let events = QMPEventSink()
         if let path = runtime.apiChannelPath {
             do {
                 server = try QMPServer(
-                    path: Paths.absolute(path), loop: loop, commands: commands(vm: vm, loop: loop),
+                    path: Paths.absolute(path), loop: loop, commands: commands(vm: vm, events: events),
                     package: "flotilla-vmm \(StratoVirtCommandLine.version)")
             } catch let error where error.errno == .addressInUse {
                 return startupFailure("-api-channel: \(path) already exists; remove it first (as StratoVirt requires)")
@@ -124,6 +125,7 @@ private final class Worker: Sendable {
                 return startupFailure("-api-channel: \(error)")
             }
         }
+        if let server { events.attach(server) }
         // Removes the socket file; runs after the loop has stopped.
         defer { server?.close() }
         let qmp = server
@@ -202,21 +204,22 @@ private final class Worker: Sendable {
 
     /// The basic QMP command set (QMP reference: qmp_capabilities, query-status, stop,
     /// cont, quit, query-version, query-name); later issues add to this table.
-    func commands(vm: MicroVM, loop: EventLoop) -> QMPCommandTable {
+    func commands(vm: MicroVM, events: QMPEventSink) -> QMPCommandTable {
         var table = QMPCommandTable()
         let name = config.name
         table.register("query-status") { _ in
             let state = vm.guestState
             return .success(["status": .string(state.rawValue), "singlestep": false, "running": .bool(state == .running)])
         }
-        table.register("stop") { [weak loop] _ in
+        // QEMU emits STOP/RESUME only on a real change of state.
+        table.register("stop") { _ in
             guard vm.guestState == .running else { return .success([:]) }
             do {
                 try vm.pause()
             } catch {
                 return .failure(QMPCommandError(.genericError, "cannot stop the VM: \(error)"))
             }
-            _ = loop
+            events.emit("STOP")
             return .success([:])
         }
         table.register("cont") { _ in
@@ -226,6 +229,7 @@ private final class Worker: Sendable {
             } catch {
                 return .failure(QMPCommandError(.genericError, "cannot resume the VM: \(error)"))
             }
+            events.emit("RESUME")
             return .success([:])
         }
         table.register(
