@@ -72,13 +72,13 @@ let package = Package(
 
         // Shared helpers for the test suites: locating built executables, running processes,
         // temporary directories.
-        .target(name: "FlotillaTestSupport", path: "Tests/TestSupport", swiftSettings: strict),
+        .target(name: "FlotillaTestSupport", dependencies: ["Protocol"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "ProtocolTests", dependencies: ["Protocol"], swiftSettings: strict),
         .testTarget(
             name: "CLITests",
             dependencies: ["Protocol", "FlotillaTestSupport", "flotilla-vmm", "flotillad", "flotillactl"],
             swiftSettings: strict),
-        .testTarget(name: "VMMWorkerTests", dependencies: ["VMMWorker", "Protocol"], swiftSettings: strict),
+        .testTarget(name: "VMMWorkerTests", dependencies: ["VMMWorker", "Protocol", "FlotillaTestSupport"], swiftSettings: strict),
         .testTarget(name: "SupervisorTests", dependencies: ["Supervisor", "Protocol"], swiftSettings: strict),
     ]
 )

@@ -6,6 +6,7 @@
 
 struct options {
 	bool hold;
+	bool tick;
 	u64 nonce;
 	bool have_nonce;
 };
@@ -23,6 +24,8 @@ static void option_param(const char *key, size_t keylen, const char *val, size_t
 	struct options *o = ctx;
 	if (param_is(key, keylen, "flotilla.hold")) {
 		o->hold = parse_bool(val, vallen);
+	} else if (param_is(key, keylen, "flotilla.tick")) {
+		o->tick = parse_bool(val, vallen);
 	} else if (param_is(key, keylen, "flotilla.nonce") && val) {
 		/* Reserved for later tests: parsed, not used yet. */
 		u64 v = 0;
@@ -147,8 +150,21 @@ static __attribute__((noreturn)) void machine_reset(void)
 	halt_forever();
 }
 
+/* flotilla.tick=1: stay busy, printing a numbered line every 50 ms of PIT time, so that a
+ * test can see the vCPU run, stop (QMP stop) and run again (cont). */
+static __attribute__((noreturn)) void tick_forever(void)
+{
+	kprintf("flotilla-guest: ticking\n");
+	for (u64 n = 0;; n++) {
+		delay_us(50000);
+		kprintf("flotilla-guest: tick %lu\n", n);
+	}
+}
+
 static __attribute__((noreturn)) void hold(void)
 {
+	if (opts.tick)
+		tick_forever();
 	kprintf("flotilla-guest: holding\n");
 	interrupts_mask_all();
 	for (;;)

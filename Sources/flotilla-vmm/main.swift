@@ -1,5 +1,6 @@
 import Glibc
 import Protocol
+import VMMWorker
 
 /// Reads the `-config` file for the parser, turning I/O failures into configuration errors.
 func readConfigFile(_ path: String) throws(ConfigError) -> [UInt8] {
@@ -56,6 +57,13 @@ case .version:
 case .printConfig:
     if let config = invocation.config { print(config.jsonValue.prettyText()) }
 case .run:
-    writeStandardError("flotilla-vmm: booting is not implemented yet\n")
-    exit(2)
+    guard let config = invocation.config else { exit(WorkerProcess.ExitStatus.configuration) }
+    if invocation.runtime.daemonize && !Daemon.isDaemonProcess {
+        // The daemon is this program again, in a new session; wait until it is ready.
+        let status = Daemon.launch(arguments: Array(CommandLine.arguments.dropFirst())) { message in
+            writeStandardError(message.hasSuffix("\n") ? message : message + "\n")
+        }
+        exit(status)
+    }
+    exit(WorkerProcess.run(config: config, runtime: invocation.runtime))
 }

@@ -23,8 +23,11 @@ public struct ProcessResult: Sendable {
     public let standardError: String
 }
 
-/// Runs `executable` with `arguments`, waits for it and collects its output.
-public func run(_ executable: String, _ arguments: [String], environment: [String: String]? = nil) throws -> ProcessResult {
+/// Runs `executable` with `arguments`, waits for it (killing it after `timeout` seconds)
+/// and collects its output.
+public func run(
+    _ executable: String, _ arguments: [String], environment: [String: String]? = nil, timeout: Double = 120
+) throws -> ProcessResult {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
@@ -35,18 +38,26 @@ public func run(_ executable: String, _ arguments: [String], environment: [Strin
     process.standardError = error
     process.standardInput = FileHandle.nullDevice
     try process.run()
-    // Drain both pipes before waiting so a chatty child cannot block on a full pipe.
+    // Drain both pipes on their own threads so a chatty child cannot block on a full pipe.
+    let outputData = LockedData()
     let errorData = LockedData()
-    let errorReader = Thread {
-        errorData.set(error.fileHandleForReading.readDataToEndOfFile())
+    Thread { outputData.set(output.fileHandleForReading.readDataToEndOfFile()) }.start()
+    Thread { errorData.set(error.fileHandleForReading.readDataToEndOfFile()) }.start()
+    let deadline = Date().addingTimeInterval(timeout)
+    while process.isRunning {
+        if Date() > deadline {
+            kill(process.processIdentifier, SIGKILL)
+            break
+        }
+        usleep(2000)
     }
-    errorReader.start()
-    let outputData = output.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
-    while !errorData.isSet { usleep(1000) }
+    // A daemon may keep the pipes open after the command exits; do not wait for it.
+    let readDeadline = Date().addingTimeInterval(5)
+    while !(outputData.isSet && errorData.isSet) && Date() < readDeadline { usleep(1000) }
     return ProcessResult(
         status: process.terminationStatus,
-        standardOutput: String(decoding: outputData, as: UTF8.self),
+        standardOutput: String(decoding: outputData.value, as: UTF8.self),
         standardError: String(decoding: errorData.value, as: UTF8.self))
 }
 

@@ -1,0 +1,179 @@
+import CLinux
+import Glibc
+import Synchronization
+
+/// An epoll loop: the main loop of a worker (QMP sockets, serial input, signals, timers) and
+/// each iothread. Handlers run on the loop's thread; `register`, `unregister` and `execute`
+/// may be called from any thread.
+public final class EventLoop: Sendable {
+    public typealias Handler = @Sendable (_ events: UInt32) -> Void
+
+    /// Identifies one registration; never reused within a loop.
+    public struct Token: Sendable, Hashable {
+        let value: UInt64
+    }
+
+    private struct State {
+        var handlers: [UInt64: (fd: Int32, ownsFD: Bool, handler: Handler)] = [:]
+        var nextToken: UInt64 = 1
+        var pending: [@Sendable () -> Void] = []
+        var stopped = false
+    }
+
+    public let name: String
+    private let epollFD: Int32
+    /// An eventfd that wakes `epoll_wait` for `execute` and `stop`.
+    private let wakeFD: Int32
+    private let state = Mutex(State())
+    /// Token 0 is the wake eventfd.
+    private static let wakeToken: UInt64 = 0
+
+    public init(name: String) throws(SyscallError) {
+        self.name = name
+        epollFD = try Syscall.once("epoll_create1") { epoll_create1(Int32(EPOLL_CLOEXEC)) }
+        do {
+            wakeFD = try Syscall.once("eventfd") { fl_eventfd(0, 1) }
+        } catch {
+            Syscall.close(epollFD)
+            throw error
+        }
+        var event = epoll_event()
+        event.events = EPOLLIN.rawValue
+        event.data.u64 = Self.wakeToken
+        do {
+            _ = try Syscall.once("epoll_ctl") { epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &event) }
+        } catch {
+            Syscall.close(wakeFD)
+            Syscall.close(epollFD)
+            throw error
+        }
+    }
+
+    deinit {
+        for entry in state.withLock({ Array($0.handlers.values) }) where entry.ownsFD { Syscall.close(entry.fd) }
+        Syscall.close(wakeFD)
+        Syscall.close(epollFD)
+    }
+
+    /// Watches `fd` for `events` (EPOLLIN, EPOLLOUT, ...). The caller keeps owning `fd` and
+    /// must unregister before closing it.
+    @discardableResult
+    public func register(fd: Int32, events: UInt32, handler: @escaping Handler) throws(SyscallError) -> Token {
+        try register(fd: fd, events: events, ownsFD: false, handler: handler)
+    }
+
+    private func register(fd: Int32, events: UInt32, ownsFD: Bool, handler: @escaping Handler) throws(SyscallError) -> Token {
+        let token = state.withLock { state in
+            let token = state.nextToken
+            state.nextToken += 1
+            state.handlers[token] = (fd, ownsFD, handler)
+            return token
+        }
+        var event = epoll_event()
+        event.events = events
+        event.data.u64 = token
+        do {
+            _ = try Syscall.once("epoll_ctl") { epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &event) }
+        } catch {
+            _ = state.withLock { $0.handlers.removeValue(forKey: token) }
+            throw error
+        }
+        return Token(value: token)
+    }
+
+    /// Changes the events a registration waits for.
+    public func modify(_ token: Token, events: UInt32) throws(SyscallError) {
+        guard let fd = state.withLock({ $0.handlers[token.value]?.fd }) else { return }
+        var event = epoll_event()
+        event.events = events
+        event.data.u64 = token.value
+        _ = try Syscall.once("epoll_ctl") { epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &event) }
+    }
+
+    /// Stops watching; the handler is not called again once this returns on the loop thread.
+    public func unregister(_ token: Token) {
+        guard let entry = state.withLock({ $0.handlers.removeValue(forKey: token.value) }) else { return }
+        var event = epoll_event()
+        _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, entry.fd, &event)
+        if entry.ownsFD { Syscall.close(entry.fd) }
+    }
+
+    /// A timerfd that calls `handler` on the loop thread every `intervalNanoseconds`
+    /// (first after one interval) until unregistered; the loop owns the descriptor.
+    public func addTimer(intervalNanoseconds: UInt64, handler: @escaping @Sendable () -> Void) throws(SyscallError) -> Token {
+        let fd = try Syscall.once("timerfd_create") {
+            timerfd_create(CLOCK_MONOTONIC, Int32(TFD_CLOEXEC | TFD_NONBLOCK))
+        }
+        var spec = itimerspec()
+        spec.it_interval.tv_sec = Int(intervalNanoseconds / 1_000_000_000)
+        spec.it_interval.tv_nsec = Int(intervalNanoseconds % 1_000_000_000)
+        spec.it_value = spec.it_interval
+        do {
+            _ = try Syscall.once("timerfd_settime") { timerfd_settime(fd, 0, &spec, nil) }
+            return try register(fd: fd, events: EPOLLIN.rawValue, ownsFD: true) { _ in
+                var expirations: UInt64 = 0
+                _ = withUnsafeMutableBytes(of: &expirations) { Glibc.read(fd, $0.baseAddress, 8) }
+                handler()
+            }
+        } catch {
+            Syscall.close(fd)
+            throw error
+        }
+    }
+
+    /// Runs `work` on the loop thread soon.
+    public func execute(_ work: @escaping @Sendable () -> Void) {
+        state.withLock { $0.pending.append(work) }
+        wake()
+    }
+
+    /// Makes `run` return after the current round of handlers.
+    public func stop() {
+        state.withLock { $0.stopped = true }
+        wake()
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = withUnsafeBytes(of: &one) { Glibc.write(wakeFD, $0.baseAddress, 8) }
+    }
+
+    /// Dispatches events on the calling thread until `stop`.
+    public func run() {
+        let capacity = 32
+        var events = [epoll_event](repeating: epoll_event(), count: capacity)
+        while true {
+            let count = events.withUnsafeMutableBufferPointer { buffer in
+                epoll_wait(epollFD, buffer.baseAddress, Int32(capacity), -1)
+            }
+            if count < 0 {
+                if errno == EINTR { continue }
+                return
+            }
+            for index in 0..<Int(count) {
+                let token = events[index].data.u64
+                let mask = events[index].events
+                if token == Self.wakeToken {
+                    var value: UInt64 = 0
+                    _ = withUnsafeMutableBytes(of: &value) { Glibc.read(wakeFD, $0.baseAddress, 8) }
+                    continue
+                }
+                // Looked up per event: an earlier handler of this round may have unregistered it.
+                guard let handler = state.withLock({ $0.handlers[token]?.handler }) else { continue }
+                handler(mask)
+            }
+            let (work, stopped) = state.withLock { state in
+                let work = state.pending
+                state.pending.removeAll()
+                return (work, state.stopped)
+            }
+            for item in work { item() }
+            if stopped { return }
+        }
+    }
+
+    /// Runs the loop on a new thread named after the loop.
+    public func startThread() throws(SyscallError) -> pthread_t {
+        try HostThread.spawn(name: name) { [self] in run() }
+    }
+}

@@ -1,0 +1,107 @@
+import Foundation
+import Glibc
+
+/// A child process that keeps running while a test talks to it; its output is collected
+/// as it arrives.
+public final class BackgroundProcess: @unchecked Sendable {
+    // Invariant: `process` is configured before `run()` and only read afterwards; the output
+    // buffers are guarded by `lock`.
+    private let process = Process()
+    private let lock = NSLock()
+    private var output = Data()
+    private var errorOutput = Data()
+    private var readersDone = 0
+
+    public init(_ executable: String, _ arguments: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let outputPipe = Pipe()
+        let errorPipe = Pipe()
+        process.standardOutput = outputPipe
+        process.standardError = errorPipe
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        for (pipe, isError) in [(outputPipe, false), (errorPipe, true)] {
+            Thread { [self] in
+                let handle = pipe.fileHandleForReading
+                while true {
+                    let chunk = handle.availableData
+                    lock.lock()
+                    if chunk.isEmpty {
+                        readersDone += 1
+                        lock.unlock()
+                        return
+                    }
+                    if isError { errorOutput.append(chunk) } else { output.append(chunk) }
+                    lock.unlock()
+                }
+            }.start()
+        }
+    }
+
+    public var pid: pid_t { process.processIdentifier }
+    public var isRunning: Bool { process.isRunning }
+
+    public var standardOutput: String {
+        lock.lock()
+        defer { lock.unlock() }
+        return String(decoding: output, as: UTF8.self)
+    }
+
+    public var standardError: String {
+        lock.lock()
+        defer { lock.unlock() }
+        return String(decoding: errorOutput, as: UTF8.self)
+    }
+
+    /// Waits until standard output contains `text`; false on timeout or exit.
+    public func waitForOutput(_ text: String, timeout: Double = 30) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if standardOutput.contains(text) { return true }
+            if !process.isRunning { return standardOutput.contains(text) }
+            usleep(5000)
+        }
+        return false
+    }
+
+    public func signal(_ signal: Int32) {
+        kill(process.processIdentifier, signal)
+    }
+
+    /// Waits for the exit status; kills the process after `timeout` seconds.
+    @discardableResult
+    public func wait(timeout: Double = 30) -> Int32 {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning {
+            if Date() > deadline { kill(process.processIdentifier, SIGKILL) }
+            usleep(2000)
+        }
+        process.waitUntilExit()
+        let readDeadline = Date().addingTimeInterval(2)
+        while Date() < readDeadline {
+            lock.lock()
+            let done = readersDone == 2
+            lock.unlock()
+            if done { break }
+            usleep(1000)
+        }
+        return process.terminationStatus
+    }
+
+    deinit {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+}
+
+/// Reads a text file, or nil. Reads to the end rather than trusting the file size, which
+/// /proc files report as 0.
+public func readText(_ path: String) -> String? {
+    guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+    defer { try? handle.close() }
+    guard let data = try? handle.readToEnd() else { return "" }
+    return String(decoding: data, as: UTF8.self)
+}
