@@ -64,14 +64,14 @@ struct MicroVMTests {
         #expect(message.contains("RIP="))
     }
 
-    @Test("pause stops a guest incrementing a counter; resume lets it continue")
+    @Test("pause stops a guest incrementing a counter (and parks an AP waiting for SIPI); resume lets it continue")
     func pauseResume() throws {
         let code: [UInt8] = [
             0xb8, 0x00, 0x00, 0x20, 0x00,  // mov eax, 0x200000
             0x48, 0xff, 0x00,  // loop: inc qword [rax]
             0xeb, 0xfb,  // jmp loop
         ]
-        let vm = try boot(code)
+        let vm = try boot(code, vcpus: 2)
         defer {
             vm.requestShutdown()
             _ = vm.waitForExit()

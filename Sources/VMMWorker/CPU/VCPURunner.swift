@@ -18,7 +18,7 @@ struct VCPURunner {
         let raw = UnsafeMutableRawPointer(run)
         let runSize = vcpu.runSize
         while true {
-            if control.pending.load(ordering: .relaxed) != 0 {
+            if control.pending.load(ordering: .acquiring) != 0 {
                 if control.parkIfRequested() { return nil }
             }
             let result = vcpu.runOnce()

@@ -22,7 +22,6 @@ public struct KVMCapability: Sendable, CustomStringConvertible {
         KVMCapability(name: "KVM_CAP_IOEVENTFD", number: KVM_CAP_IOEVENTFD),
         KVMCapability(name: "KVM_CAP_IRQFD", number: KVM_CAP_IRQFD),
         KVMCapability(name: "KVM_CAP_IMMEDIATE_EXIT", number: KVM_CAP_IMMEDIATE_EXIT),
-        KVMCapability(name: "KVM_CAP_IRQ_INJECT_STATUS", number: KVM_CAP_IRQ_INJECT_STATUS),
     ]
 }
 
