@@ -1,0 +1,18 @@
+// swift-tools-version: 6.0
+// The Flotilla benchmark suite: a separate package, so building or testing the root package
+// never resolves anything benchmark-only. It measures built binaries (flotilla-vmm, qemu,
+// the C KVM baseline) as child processes; see README.md and ./run.
+import PackageDescription
+
+let package = Package(
+    name: "FlotillaBenchmarks",
+    targets: [
+        // posix_spawn with clean signal state and explicit stdio, wait4 with rusage, clocks.
+        .target(name: "CBench"),
+        .executableTarget(
+            name: "flotilla-bench",
+            dependencies: ["CBench"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+    ]
+)
