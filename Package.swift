@@ -30,11 +30,13 @@ let package = Package(
         .target(name: "CKVM"),
         // C shims: _GNU_SOURCE-only libc functions (pthread naming, prctl, pidfd, ...).
         .target(name: "CLinux"),
+        // C shim: the worker's seccomp filter through Debian's libseccomp.
+        .target(name: "CSeccomp", linkerSettings: [.linkedLibrary("seccomp")]),
 
         .target(
             name: "VMMWorker",
             dependencies: [
-                "Protocol", "CKVM", "CLinux",
+                "Protocol", "CKVM", "CLinux", "CSeccomp",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict

@@ -124,14 +124,17 @@ struct VMMBootTests {
         let client = try QMPTestClient(path: socket)
         try client.handshake()
         #expect(try client.execute("query-status")["return"] == ["status": "running", "singlestep": false, "running": true])
-        #expect(try client.execute("stop", id: "s")["id"] == "s")
-        #expect(try client.waitForEvent("STOP")["event"] == "STOP")
+        // As in QEMU, the STOP event comes before stop's reply.
+        try client.send(QMP.Command(name: "stop", id: "s"))
+        #expect(try client.receive()["event"] == "STOP")
+        #expect(try client.receive()["id"] == "s")
         #expect(try client.execute("query-status")["return"]?.objectValue?["status"] == "paused")
         let stoppedAt = process.standardOutput.count
         usleep(300_000)
         #expect(process.standardOutput.count == stoppedAt, "the guest kept printing while stopped")
-        #expect(try client.execute("cont")["return"] == [:])
-        #expect(try client.waitForEvent("RESUME")["event"] == "RESUME")
+        try client.send(QMP.Command(name: "cont"))
+        #expect(try client.receive()["event"] == "RESUME")
+        #expect(try client.receive()["return"] == [:])
         let resumedAt = process.standardOutput.count
         #expect(process.waitForOutput("tick", timeout: 5))
         usleep(200_000)
@@ -174,6 +177,11 @@ struct VMMBootTests {
         let threads = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
         let names = threads.compactMap { readText("/proc/\(pid)/task/\($0)/comm")?.trimmingCharacters(in: .whitespacesAndNewlines) }
         #expect(names.contains("daemon-te-vcpu0"), "\(names)")
+        // The seccomp filter is on by default, on every thread.
+        #expect(readText("/proc/\(pid)/status")?.contains("Seccomp:\t2") == true)
+        for thread in threads {
+            #expect(readText("/proc/\(pid)/task/\(thread)/status")?.contains("Seccomp:\t2") == true, "thread \(thread)")
+        }
 
         #expect(try client.execute("quit")["return"] == [:])
         var waited = 0
@@ -185,6 +193,16 @@ struct VMMBootTests {
         let leftovers = try directory.contents()
         #expect(leftovers == ["vm.log"], "left behind: \(leftovers)")
         #expect(readText(directory.file("vm.log"))?.contains("VM ended") == true)
+    }
+
+    @Test("-disable-seccomp runs without a filter")
+    func seccompDisabled() throws {
+        let process = try BackgroundProcess(
+            vmm, ["-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append", "flotilla.hold=1", "-disable-seccomp"])
+        #expect(process.waitForOutput("flotilla-guest: holding"))
+        #expect(readText("/proc/\(process.pid)/status")?.contains("Seccomp:\t0") == true)
+        process.signal(SIGTERM)
+        #expect(process.wait() == 0)
     }
 
     @Test("an existing pidfile is refused and left alone, with nothing else left behind")

@@ -18,6 +18,8 @@ public final class EventLoop: Sendable {
         var nextToken: UInt64 = 1
         var pending: [@Sendable () -> Void] = []
         var stopped = false
+        /// The thread inside `run`, if any.
+        var runner: pthread_t?
     }
 
     public let name: String
@@ -121,6 +123,17 @@ public final class EventLoop: Sendable {
         }
     }
 
+    /// True when called from the thread running this loop.
+    public var inLoopThread: Bool {
+        guard let runner = state.withLock({ $0.runner }) else { return false }
+        return pthread_equal(runner, pthread_self()) != 0
+    }
+
+    /// Runs `work` now when called on the loop thread, else on the loop thread soon.
+    public func executeNowOrSoon(_ work: @escaping @Sendable () -> Void) {
+        if inLoopThread { work() } else { execute(work) }
+    }
+
     /// Runs `work` on the loop thread soon.
     public func execute(_ work: @escaping @Sendable () -> Void) {
         state.withLock { $0.pending.append(work) }
@@ -140,6 +153,8 @@ public final class EventLoop: Sendable {
 
     /// Dispatches events on the calling thread until `stop`.
     public func run() {
+        state.withLock { $0.runner = pthread_self() }
+        defer { state.withLock { $0.runner = nil } }
         let capacity = 32
         var events = [epoll_event](repeating: epoll_event(), count: capacity)
         while true {

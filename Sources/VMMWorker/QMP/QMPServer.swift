@@ -90,7 +90,9 @@ public final class QMPServer: Sendable {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         let frame = QMP.frame(QMP.event(name, data: data, seconds: Int64(now.tv_sec), microseconds: Int64(now.tv_nsec / 1000)))
-        loop.execute { [self] in
+        // On the loop thread (a command handler) the event goes out at once, before the
+        // command's reply, as QEMU orders STOP before stop's return.
+        loop.executeNowOrSoon { [self] in
             for connection in connections.withLock({ Array($0.values) }) where connection.negotiated {
                 connection.send(frame)
             }

@@ -14,6 +14,7 @@ public final class VMMLog: Sendable {
 
     /// Logs to standard error.
     public init(name: String?) {
+        VMMLog.loadTimeZone()
         fd = Mutex(2)
         ownsFD = false
         prefix = "flotilla-vmm[\(getpid())]" + (name.map { " \($0)" } ?? "")
@@ -21,6 +22,7 @@ public final class VMMLog: Sendable {
 
     /// Logs to `path`, appending, created with mode 0640 when missing.
     public init(path: String, name: String?) throws(SyscallError) {
+        VMMLog.loadTimeZone()
         let opened: Int32
         do {
             opened = try Syscall.retrying("open") { open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o640) }
@@ -30,6 +32,12 @@ public final class VMMLog: Sendable {
         fd = Mutex(opened)
         ownsFD = true
         prefix = "flotilla-vmm[\(getpid())]" + (name.map { " \($0)" } ?? "")
+    }
+
+    /// glibc's gmtime_r reads /etc/localtime on first use; do it now, before the seccomp
+    /// filter forbids opening files.
+    private static func loadTimeZone() {
+        tzset()
     }
 
     deinit {

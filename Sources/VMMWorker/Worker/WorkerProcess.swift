@@ -167,12 +167,21 @@ private final class Worker: Sendable {
         } catch {
             return startupFailure("cannot start the VM: \(error)")
         }
-        log.info("VM started: \(config.machine.vcpuCount) vCPUs, \(config.machine.memoryBytes >> 20) MiB")
-        if let readiness {
-            readiness.ready()
+        if readiness != nil {
             // A daemon keeps no directory busy; every path it still needs is absolute.
             _ = chdir("/")
         }
+        if !runtime.disableSeccomp {
+            do {
+                try Seccomp.install(logOnly: getenv("FLOTILLA_SECCOMP_LOG") != nil)
+            } catch {
+                vm.requestShutdown()
+                _ = vm.waitForExit()
+                return startupFailure("cannot install the seccomp filter: \(error)")
+            }
+        }
+        log.info("VM started: \(config.machine.vcpuCount) vCPUs, \(config.machine.memoryBytes >> 20) MiB")
+        readiness?.ready()
 
         loop.run()
 

@@ -1,0 +1,60 @@
+import CKVM
+import CSeccomp
+import Glibc
+import SystemPackage
+
+/// The worker's seccomp filter: once the VM is built and its sockets exist, every thread
+/// may make only the system calls the running VM needs (and ioctl only with the listed
+/// requests). Anything else kills the whole process with SIGSYS (like Firecracker), so a
+/// guest escape into the VMM cannot open files, create sockets or spawn processes.
+///
+/// When a code path needs a new system call after start-up, add it here and cover the path
+/// with a test that runs with the filter on (the default).
+enum Seccomp {
+    /// What the event loops, vCPU threads, QMP server, logging, timers and the exit path use.
+    static let allowedSystemCalls = [
+        // I/O on descriptors the VMM already owns.
+        "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "lseek",
+        "recvfrom", "sendto", "recvmsg", "sendmsg", "accept4", "shutdown", "close", "fcntl",
+        "fsync", "fdatasync", "fstat", "newfstatat",
+        // Event loops and timers.
+        "epoll_wait", "epoll_pwait", "epoll_ctl", "timerfd_create", "timerfd_settime", "ppoll", "poll",
+        // Threads: parking, kicking vCPUs (pthread_kill → tgkill), signals.
+        "futex", "tgkill", "tkill", "rt_sigreturn", "rt_sigprocmask", "sched_yield", "getpid", "gettid",
+        "restart_syscall", "nanosleep", "clock_nanosleep", "clock_gettime", "gettimeofday",
+        // Memory: malloc and the Swift runtime.
+        "mmap", "munmap", "mremap", "mprotect", "madvise", "brk", "getrandom",
+        // The exit path: removing the socket and pidfile, ending threads and the process.
+        "unlink", "unlinkat", "exit", "exit_group",
+    ]
+
+    /// ioctl requests in use after start-up: running vCPUs and raising IRQs, reading vCPU
+    /// state for failure reports, and restoring the terminal.
+    static var allowedIoctls: [UInt64] {
+        [
+            FL_KVM_RUN, FL_KVM_IRQ_LINE, FL_KVM_IOEVENTFD, FL_KVM_IRQFD, FL_KVM_GET_REGS, FL_KVM_GET_SREGS,
+            FL_KVM_GET_FPU, FL_KVM_GET_LAPIC, FL_KVM_GET_MP_STATE, FL_KVM_SET_MP_STATE,
+            UInt(TCGETS), UInt(TCSETS), UInt(TCSETSW), UInt(TIOCGWINSZ),
+        ].map { UInt64($0) }
+    }
+
+    /// Installs the filter on every thread. `logOnly` (FLOTILLA_SECCOMP_LOG=1) allows and
+    /// audit-logs violations instead, to find a missing entry.
+    static func install(logOnly: Bool) throws(SyscallError) {
+        let names = allowedSystemCalls.map { strdup($0) }
+        defer { for name in names { free(name) } }
+        let ioctls = allowedIoctls
+        var failedName: UnsafePointer<CChar>?
+        let result = names.map { UnsafePointer($0) }.withUnsafeBufferPointer { namesBuffer in
+            ioctls.withUnsafeBufferPointer { ioctlBuffer in
+                fl_seccomp_install(
+                    namesBuffer.baseAddress, Int32(namesBuffer.count), ioctlBuffer.baseAddress, Int32(ioctlBuffer.count),
+                    Int32(logOnly ? FL_SECCOMP_LOG.rawValue : FL_SECCOMP_KILL_PROCESS.rawValue), &failedName)
+            }
+        }
+        guard result == 0 else {
+            let what = failedName.map { "seccomp (unknown system call \(String(cString: $0)))" } ?? "seccomp"
+            throw SyscallError(what, Errno(rawValue: -result))
+        }
+    }
+}
