@@ -12,14 +12,22 @@ public final class BackgroundProcess: @unchecked Sendable {
     private var errorOutput = Data()
     private var readersDone = 0
 
-    public init(_ executable: String, _ arguments: [String]) throws {
+    /// Where `write(toStandardInput:)` sends bytes, when the process was started with input.
+    private let inputPipe: Pipe?
+
+    public init(_ executable: String, _ arguments: [String], withInput: Bool = false) throws {
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         let outputPipe = Pipe()
         let errorPipe = Pipe()
         process.standardOutput = outputPipe
         process.standardError = errorPipe
-        process.standardInput = FileHandle.nullDevice
+        inputPipe = withInput ? Pipe() : nil
+        if let inputPipe {
+            process.standardInput = inputPipe
+        } else {
+            process.standardInput = FileHandle.nullDevice
+        }
         try process.run()
         for (pipe, isError) in [(outputPipe, false), (errorPipe, true)] {
             Thread { [self] in
@@ -40,6 +48,11 @@ public final class BackgroundProcess: @unchecked Sendable {
     }
 
     public var pid: pid_t { process.processIdentifier }
+
+    /// Sends `text` to the process's standard input (started with `withInput: true`).
+    public func write(toStandardInput text: String) throws {
+        try inputPipe?.fileHandleForWriting.write(contentsOf: Data(text.utf8))
+    }
     public var isRunning: Bool { process.isRunning }
 
     public var standardOutput: String {
