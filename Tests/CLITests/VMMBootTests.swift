@@ -244,6 +244,27 @@ struct VMMBootTests {
         }
     }
 
+    @Test("a guest that triple-faults ends the VM with status 3, the vCPU state in the log, and no leftovers")
+    func guestFailure() throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        // ud2 with no IDT: #UD cannot be delivered, #DF neither: a triple fault.
+        let kernel = directory.file("ud2.elf")
+        try Data(makeELF(code: [0x0f, 0x0b])).write(to: URL(fileURLWithPath: kernel))
+        let result = try run(
+            vmm,
+            [
+                "-kernel", kernel, "-api-channel", "unix:\(directory.file("qmp.sock"))", "-D", directory.file("vm.log"),
+            ])
+        #expect(result.status == 3, "\(result.standardError)")
+        let log = readText(directory.file("vm.log")) ?? ""
+        #expect(log.contains("triple fault"), "\(log)")
+        #expect(log.contains("rip") || log.contains("RIP"), "no registers in: \(log)")
+        #expect(result.standardError.contains("the VM failed"))
+        let leftovers = try directory.contents()
+        #expect(leftovers == ["ud2.elf", "vm.log"], "left: \(leftovers)")
+    }
+
     /// Kernel files that must be refused, and what the error must say.
     static func badKernels(in directory: TemporaryDirectory) throws -> [(String, [UInt8], [String])] {
         let elf = Array(try Data(contentsOf: URL(fileURLWithPath: GuestImages.vmlinux)))

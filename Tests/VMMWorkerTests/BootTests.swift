@@ -1,3 +1,4 @@
+import FlotillaTestSupport
 import Testing
 @testable import VMMWorker
 

@@ -1,3 +1,4 @@
+import FlotillaTestSupport
 import Glibc
 import Protocol
 import SystemPackage
