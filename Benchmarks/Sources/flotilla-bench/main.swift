@@ -143,6 +143,19 @@ struct Bench {
     struct Footprint {
         var rss: Double, pss: Double, privateDirty: Double
         var excluded: [Mapping]
+        var counted: [Mapping]
+
+        /// Rss/Pss/Private_Dirty grouped by what backs the mapping, largest Rss first.
+        func breakdown() -> [(String, UInt64, UInt64, UInt64)] {
+            var groups: [String: (UInt64, UInt64, UInt64)] = [:]
+            for m in counted {
+                let key = m.name.isEmpty ? "anonymous (malloc arenas, thread stacks, Swift metadata)"
+                    : m.name.hasPrefix("/") ? (m.name as NSString).lastPathComponent : m.name
+                let g = groups[key, default: (0, 0, 0)]
+                groups[key] = (g.0 + m.rss, g.1 + m.pss, g.2 + m.privateDirty)
+            }
+            return groups.map { ($0.key, $0.value.0, $0.value.1, $0.value.2) }.sorted { $0.1 > $1.1 }
+        }
     }
 
     /// Sums Rss/Pss/Private_Dirty of every mapping except guest RAM (size ≥ guest memory).
@@ -152,7 +165,8 @@ struct Bench {
         let rest = maps.filter { $0.size < memoryBytes }
         guard !guestRAM.isEmpty else { throw BenchError("pid \(pid): no mapping of ≥ \(memoryMiB) MiB (guest RAM) found") }
         return Footprint(rss: Double(rest.reduce(0) { $0 + $1.rss }), pss: Double(rest.reduce(0) { $0 + $1.pss }),
-                         privateDirty: Double(rest.reduce(0) { $0 + $1.privateDirty }), excluded: guestRAM)
+                         privateDirty: Double(rest.reduce(0) { $0 + $1.privateDirty }), excluded: guestRAM,
+                         counted: rest)
     }
 
     /// Boots the test guest with -serial stdio on a pipe, waits for "flotilla-guest: holding".
@@ -215,6 +229,14 @@ struct Bench {
             table.append([name, kib(fp.rss), kib(fp.pss), kib(fp.privateDirty), excluded.joined(separator: "; ")])
         }
         printTable(table)
+        for (name, fp) in rows where name.hasPrefix("flotilla") {
+            print("\n    where the Rss of \(name) is (top 8 by Rss, KiB):")
+            var rows = [["mapping", "Rss", "Pss", "Private_Dirty"]]
+            for (key, rss, pss, dirty) in fp.breakdown().prefix(8) {
+                rows.append([key, "\(rss)", "\(pss)", "\(dirty)"])
+            }
+            printTable(rows)
+        }
         let r = f.rss / q.rss
         print("    Rss ratio \(ratio(r)); Pss ratio \(ratio(f.pss / q.pss)); Private_Dirty ratio \(ratio(f.privateDirty / q.privateDirty)) (target: Rss ≤ 4096 KiB)")
         summary.append(Summary(name: "(b) non-guest Rss, idle VM", flotilla: kib(f.rss), baseline: "qemu " + kib(q.rss),
@@ -297,6 +319,7 @@ struct Bench {
         }
         try fq.execute("qmp_capabilities")
         try qq.execute("qmp_capabilities")
+        print("    qemu query-kvm: \(try qq.execute("query-kvm"))")
         for _ in 0..<20 {  // warm-up
             try fq.execute("query-status")
             try qq.execute("query-status")
