@@ -32,6 +32,8 @@ let package = Package(
         .target(name: "CLinux"),
         // C shim: the worker's seccomp filter through Debian's libseccomp.
         .target(name: "CSeccomp", linkerSettings: [.linkedLibrary("seccomp")]),
+        // C shims: libsystemd (sd_notify, the watchdog, structured journal entries) for flotillad.
+        .target(name: "CSystemd", linkerSettings: [.linkedLibrary("systemd")]),
 
         .target(
             name: "VMMWorker",
@@ -44,7 +46,7 @@ let package = Package(
         .target(
             name: "Supervisor",
             dependencies: [
-                "Protocol", "CLinux",
+                "Protocol", "CLinux", "CSystemd",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict
@@ -66,7 +68,7 @@ let package = Package(
         .executableTarget(
             name: "flotillactl",
             dependencies: [
-                "Protocol",
+                "Protocol", "Supervisor",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
@@ -81,6 +83,10 @@ let package = Package(
             dependencies: ["Protocol", "FlotillaTestSupport", "flotilla-vmm", "flotillad", "flotillactl"],
             swiftSettings: strict),
         .testTarget(name: "VMMWorkerTests", dependencies: ["VMMWorker", "Protocol", "FlotillaTestSupport"], swiftSettings: strict),
-        .testTarget(name: "SupervisorTests", dependencies: ["Supervisor", "Protocol"], swiftSettings: strict),
+        .testTarget(name: "LinuxKernelTests", dependencies: ["Protocol", "FlotillaTestSupport", "flotilla-vmm"], swiftSettings: strict),
+        .testTarget(
+            name: "SupervisorTests",
+            dependencies: ["Supervisor", "Protocol", "CSystemd", "FlotillaTestSupport", "flotilla-vmm", "flotillad", "flotillactl"],
+            swiftSettings: strict),
     ]
 )

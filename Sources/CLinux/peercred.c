@@ -1,0 +1,14 @@
+/* See fl_peercred.h. */
+#define _GNU_SOURCE
+#include "fl_peercred.h"
+#include <sys/socket.h>
+
+int fl_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid) {
+    struct ucred credentials;
+    socklen_t length = sizeof credentials;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) < 0) return -1;
+    *pid = credentials.pid;
+    *uid = credentials.uid;
+    *gid = credentials.gid;
+    return 0;
+}

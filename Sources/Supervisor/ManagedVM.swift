@@ -1,0 +1,102 @@
+import Glibc
+import Protocol
+
+/// A VM's state as the control API reports it.
+public enum VMState: String, Sendable, CaseIterable {
+    case stopped, starting, running, paused, stopping, failed
+}
+
+/// One VM of the fleet at run time: its record, its worker (launcher, daemon, QMP), its
+/// timers and whoever waits for it. Confined to the reactor thread.
+final class ManagedVM {
+    enum Intent {
+        case none
+        /// A stop was requested; `then` runs once the worker is gone.
+        case stop
+    }
+
+    var record: VMRecord
+    let directory: String
+    var state = VMState.stopped
+
+    /// The `flotilla-vmm -daemonize` command, until it reports the daemon ready or failed.
+    var launcher: ProcessWatch?
+    /// The daemon: the VM's process.
+    var worker: ProcessWatch?
+    var adopted = false
+    var qmp: WorkerQMPConnection?
+    var multiplexer: QMPMultiplexer?
+
+    var startedAt: Double?
+    var restartCount = 0
+    var lastExit: String?
+    /// Monotonic times of unexpected exits, for the crash-loop limit.
+    var failureTimes: [Double] = []
+    var restartTimer: Reactor.Timer?
+    var stopTimers: [Reactor.Timer] = []
+    /// The stop steps taken so far (quit, SIGTERM, SIGKILL).
+    var stopSteps: [String] = []
+    var intent = Intent.none
+    /// The SHUTDOWN event's reason, when the worker sent one before ending.
+    var shutdownReason: String?
+
+    var startWaiters: [(Result<Void, SupervisorError>) -> Void] = []
+    var stopWaiters: [() -> Void] = []
+
+    init(record: VMRecord, runtimeDirectory: String) {
+        self.record = record
+        directory = "\(runtimeDirectory)/vms/\(record.name)"
+    }
+
+    var name: String { record.name }
+    var pid: pid_t? { worker?.pid }
+    var apiSocket: String { directory + "/api.sock" }
+    var qmpSocket: String { directory + "/qmp.sock" }
+    var pidfile: String { directory + "/pid" }
+    var logFile: String { directory + "/vm.log" }
+    var launchLog: String { directory + "/launch.log" }
+    var configFile: String { directory + "/config.json" }
+
+    /// The longest runtime path of a VM (its sockets) must fit a Unix socket address.
+    static func checkPaths(runtimeDirectory: String, name: String) throws(SupervisorError) {
+        let longest = "\(runtimeDirectory)/vms/\(name)/api.sock"
+        if longest.utf8.count > UnixSocket.maximumPathLength {
+            throw SupervisorError(
+                .invalidArgument,
+                "'name' '\(name)' makes the socket path \(longest) \(longest.utf8.count) bytes long; "
+                    + "allowed: at most \(UnixSocket.maximumPathLength) (use a shorter name or --runtime-dir)")
+        }
+    }
+
+    var status: JSONValue {
+        var object: JSONObject = [
+            "name": .string(name),
+            "state": .string(state.rawValue),
+            "pid": pid.map { .integer($0) } ?? .null,
+            "uptime": .null,
+            "restart_count": .integer(restartCount),
+            "last_exit": lastExit.map { .string($0) } ?? .null,
+            "restart": .string(record.restart.rawValue),
+            "autostart": .bool(record.autostart),
+            "qmp_socket": multiplexer == nil ? .null : .string(qmpSocket),
+            "log": .string(logFile),
+            "adopted": .bool(adopted),
+        ]
+        if let startedAt, state == .running || state == .paused || state == .stopping {
+            object["uptime"] = .integer(max(0, Int64(Sys.wallNow() - startedAt)))
+        }
+        return .object(object)
+    }
+
+    func resolveStart(_ result: Result<Void, SupervisorError>) {
+        let waiters = startWaiters
+        startWaiters.removeAll()
+        for waiter in waiters { waiter(result) }
+    }
+
+    func resolveStop() {
+        let waiters = stopWaiters
+        stopWaiters.removeAll()
+        for waiter in waiters { waiter() }
+    }
+}
