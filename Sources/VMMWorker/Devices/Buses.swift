@@ -69,8 +69,11 @@ public struct PortIOBus: Sendable {
     }
 }
 
-/// An MMIO device (virtio-mmio transports will be added here).
+/// An MMIO device: a virtio-mmio slot, empty or with a transport.
 public enum MMIODevice: Sendable {
+    /// A virtio-mmio transport with its device (virtio 1.2 §4.2).
+    case virtio(VirtioMMIOTransport)
+
     /// A pre-announced virtio-mmio slot with nothing plugged in. Like QEMU's empty
     /// transport it reads MagicValue "virt" (0x000) and Version 2 (0x004), and DeviceID 0
     /// (0x008), which virtio 1.x §4.2.2 defines as "no device": Linux's virtio_mmio probe
@@ -104,6 +107,17 @@ public struct MMIOBus: Sendable {
         if !isWrite { data.initializeMemory(as: UInt8.self, repeating: 0, count: length) }
         for entry in entries where address &- entry.base < entry.size {
             switch entry.device {
+            case .virtio(let transport):
+                let offset = address - entry.base
+                guard length == 1 || length == 2 || length == 4 || length == 8 else { return }
+                if isWrite {
+                    var value: UInt64 = 0
+                    for i in 0..<length { value |= UInt64(data.load(fromByteOffset: i, as: UInt8.self)) << (8 * UInt64(i)) }
+                    transport.write(offset: offset, length: length, value: value)
+                } else {
+                    let value = transport.read(offset: offset, length: length)
+                    for i in 0..<length { data.storeBytes(of: UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))), toByteOffset: i, as: UInt8.self) }
+                }
             case .emptySlot:
                 guard !isWrite, length == 4 else { return }
                 let register = switch address - entry.base {

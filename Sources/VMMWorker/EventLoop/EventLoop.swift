@@ -123,6 +123,38 @@ public final class EventLoop: Sendable {
         }
     }
 
+    /// A one-shot timerfd: `handler` runs once on the loop thread after `delayNanoseconds`
+    /// (at least 1 ns); the registration then removes itself. Unregistering the token before
+    /// it fires cancels it.
+    @discardableResult
+    public func schedule(afterNanoseconds delayNanoseconds: UInt64, handler: @escaping @Sendable () -> Void) throws(SyscallError) -> Token {
+        let fd = try Syscall.once("timerfd_create") {
+            timerfd_create(CLOCK_MONOTONIC, Int32(TFD_CLOEXEC | TFD_NONBLOCK))
+        }
+        let delay = max(delayNanoseconds, 1)
+        var spec = itimerspec()
+        spec.it_value.tv_sec = Int(delay / 1_000_000_000)
+        spec.it_value.tv_nsec = Int(delay % 1_000_000_000)
+        let tokenBox = Mutex<Token?>(nil)
+        do {
+            _ = try Syscall.once("timerfd_settime") { timerfd_settime(fd, 0, &spec, nil) }
+            let token = try register(fd: fd, events: EPOLLIN.rawValue, ownsFD: true) { [self] _ in
+                // Consume the expiry so the descriptor stops being readable even if the token
+                // is not known yet (scheduled from another thread and fired at once).
+                var expirations: UInt64 = 0
+                let consumed = withUnsafeMutableBytes(of: &expirations) { Glibc.read(fd, $0.baseAddress, 8) }
+                guard consumed == 8 else { return }
+                if let token = tokenBox.withLock({ $0 }) { unregister(token) }
+                handler()
+            }
+            tokenBox.withLock { $0 = token }
+            return token
+        } catch {
+            Syscall.close(fd)
+            throw error
+        }
+    }
+
     /// True when called from the thread running this loop.
     public var inLoopThread: Bool {
         guard let runner = state.withLock({ $0.runner }) else { return false }

@@ -20,14 +20,19 @@ public final class MicroVM: Sendable {
     public let bootInfo: BootInfo
     public let serial: Serial8250
     public let i8042: I8042
+    /// The virtio-mmio transports with a device, in slot order.
+    public let virtioTransports: [VirtioMMIOTransport]
     let ports: PortIOBus
     let mmio: MMIOBus
     let supportedCPUID: [CPUIDEntry]
     let control: MachineControl
 
     /// Builds the VM. `serialOutput` receives the guest's ttyS0 output (nil discards it);
-    /// `virtioSlots` are announced on the kernel command line (none yet).
-    public init(config: VMConfig, serialOutput: FileDescriptor?, virtioSlots: [VirtioMMIOSlot] = []) throws {
+    /// `virtioSlots` are announced on the kernel command line; `virtioDevices` fill some of
+    /// them (the others read as empty slots). Disk images are opened (and locked) here, so a
+    /// bad image is a start-up error.
+    public init(config: VMConfig, serialOutput: FileDescriptor?, virtioSlots: [VirtioMMIOSlot] = [],
+                virtioDevices: [VirtioDeviceSpec] = []) throws {
         let machine = config.machine
         name = config.name ?? "flotilla"
         guard (1...MPTable.maxVCPUs).contains(machine.vcpuCount) else {
@@ -69,7 +74,24 @@ public final class MicroVM: Sendable {
         ports.register(.i8042(i8042), start: Layout.i8042CommandPort, count: 1)
         self.ports = ports
         var mmio = MMIOBus()
-        for slot in virtioSlots { mmio.register(.emptySlot, base: slot.base, size: slot.size) }
+        var transports: [VirtioMMIOTransport] = []
+        for (index, slot) in virtioSlots.enumerated() {
+            let specs = virtioDevices.filter { $0.slot == index }
+            guard let spec = specs.first else {
+                mmio.register(.emptySlot, base: slot.base, size: slot.size)
+                continue
+            }
+            guard specs.count == 1 else {
+                throw MachineError(.invalidConfig, "\(specs.count) devices assigned to virtio-mmio slot \(index)")
+            }
+            let transport = try VirtioMMIOTransport(slot: slot, device: spec.makeDevice(memory: memory), memory: memory, vm: vm)
+            transports.append(transport)
+            mmio.register(.virtio(transport), base: slot.base, size: slot.size)
+        }
+        for spec in virtioDevices where spec.slot < 0 || spec.slot >= virtioSlots.count {
+            throw MachineError(.invalidConfig, "a device is assigned to virtio-mmio slot \(spec.slot), which is not announced")
+        }
+        virtioTransports = transports
         self.mmio = mmio
     }
 

@@ -136,6 +136,13 @@ public final class GuestMemory: @unchecked Sendable {
         return try body(UnsafeMutableRawBufferPointer(start: base + offset, count: Int(truncatingIfNeeded: length)))
     }
 
+    /// The host address of `[address, address + length)` after checking it lies in one
+    /// region: for handing guest buffers straight to preadv/pwritev. Valid while `self` lives.
+    @inline(__always)
+    public func hostPointer(_ address: UInt64, length: UInt64) throws(MemoryError) -> UnsafeMutableRawPointer {
+        base + (try hostOffset(address, length: length))
+    }
+
     // MARK: Bytes
 
     public func read(at address: UInt64, count: Int) throws(MemoryError) -> [UInt8] {

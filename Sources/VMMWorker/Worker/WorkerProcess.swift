@@ -87,12 +87,43 @@ private final class Worker: Sendable {
         pthread_sigmask(SIG_BLOCK, &mask, nil)
         if let name = config.name { _ = fl_set_current_thread_name(name) }
 
+        let loop: EventLoop
+        do {
+            loop = try EventLoop(name: "main")
+        } catch {
+            return startupFailure("cannot create the main event loop: \(error)")
+        }
+
+        // -iothread id=NAME: a thread named NAME with its own event loop, processing the
+        // queues of the devices configured with iothread=NAME.
+        var iothreads: [String: EventLoop] = [:]
+        for iothread in config.iothreads {
+            do {
+                iothreads[iothread.id] = try EventLoop(name: iothread.id)
+            } catch {
+                return startupFailure("-iothread id=\(iothread.id): cannot create its event loop: \(error)")
+            }
+        }
+        var iothreadThreads: [pthread_t] = []
+        defer {
+            for loop in iothreads.values { loop.stop() }
+            for thread in iothreadThreads { HostThread.join(thread) }
+        }
+
         let vm: MicroVM
         do {
             let output: FileDescriptor? = config.serial?.stdio == true ? .standardOutput : nil
-            vm = try MicroVM(config: config, serialOutput: output)
+            let devices = try VirtioPlan.devices(for: config, mainLoop: loop, iothreads: iothreads)
+            vm = try MicroVM(config: config, serialOutput: output, virtioSlots: VirtioPlan.slots(for: config), virtioDevices: devices)
         } catch {
             return startupFailure("cannot create the VM: \(error)")
+        }
+        for (name, iothread) in iothreads.sorted(by: { $0.key < $1.key }) {
+            do {
+                iothreadThreads.append(try iothread.startThread())
+            } catch {
+                return startupFailure("-iothread id=\(name): cannot start its thread: \(error)")
+            }
         }
 
         var pidfile: Pidfile?
@@ -105,12 +136,6 @@ private final class Worker: Sendable {
         }
         defer { pidfile?.remove() }
 
-        let loop: EventLoop
-        do {
-            loop = try EventLoop(name: "main")
-        } catch {
-            return startupFailure("cannot create the main event loop: \(error)")
-        }
 
         var server: QMPServer?
         let events = QMPEventSink()

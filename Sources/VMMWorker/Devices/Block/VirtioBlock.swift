@@ -1,0 +1,173 @@
+import CLinux
+import Glibc
+import Protocol
+import Synchronization
+
+/// A virtio-blk device (virtio 1.2 §5.2): one request queue, processed on `loop` (the
+/// drive's iothread, or the main loop), optionally held to `iops` requests per second.
+///
+/// Sendable: immutable configuration; the live queue state is behind a Mutex, taken by the
+/// loop thread while it processes a batch and by vCPU threads on activation and reset (so a
+/// reset waits for the batch in progress, and nothing touches guest memory after it).
+public final class VirtioBlockDevice: VirtioDevice {
+    /// Feature bits (§5.2.3).
+    public enum Feature {
+        public static let segMax: UInt64 = 1 << 2
+        public static let readOnly: UInt64 = 1 << 5
+        public static let blockSize: UInt64 = 1 << 6
+        public static let flush: UInt64 = 1 << 9
+        public static let discard: UInt64 = 1 << 13
+        public static let writeZeroes: UInt64 = 1 << 14
+    }
+
+    public static let queueSize: UInt16 = 256
+    /// Largest DISCARD / WRITE_ZEROES extent in sectors (config max_discard_sectors).
+    static let maxDiscardSectors: UInt32 = 1 << 22
+
+    public let backend: BlockBackend
+    public let loop: EventLoop
+    public let iops: UInt64
+    let memory: GuestMemory
+    let handler: BlockRequestHandler
+    let config: [UInt8]
+    public let deviceFeatures: UInt64
+    public var deviceID: UInt32 { Virtio.DeviceID.block }
+    public var queueMaxSizes: [UInt16] { [Self.queueSize] }
+
+    struct Active {
+        var queue: SplitVirtqueue
+        let notifyFD: Int32
+        let interrupt: VirtioInterrupt
+        var token: EventLoop.Token?
+        var bucket: TokenBucket?
+        var resumeTimer: EventLoop.Token?
+        var broken = false
+    }
+
+    private let state = Mutex<Active?>(nil)
+    private let completed = Atomic<UInt64>(0)
+
+    /// Requests completed since start (for tests and statistics).
+    public var completedRequests: UInt64 { completed.load(ordering: .relaxed) }
+
+    public init(backend: BlockBackend, memory: GuestMemory, loop: EventLoop, iops: UInt64 = 0) {
+        self.backend = backend
+        self.memory = memory
+        self.loop = loop
+        self.iops = iops
+        handler = BlockRequestHandler(backend: backend, memory: memory)
+        var features = Feature.segMax | Feature.blockSize | Feature.flush
+        features |= backend.readOnly ? Feature.readOnly : Feature.discard | Feature.writeZeroes
+        deviceFeatures = features
+
+        // struct virtio_blk_config (§5.2.4), little-endian, 60 bytes.
+        var bytes = [UInt8](repeating: 0, count: 60)
+        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+            withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(offset..<offset + MemoryLayout<T>.size, with: $0) }
+        }
+        put(backend.capacitySectors, at: 0)  // capacity, in 512-byte sectors
+        put(UInt32(Self.queueSize - 2), at: 12)  // seg_max: leave room for header and status
+        put(UInt32(BlockBackend.sectorSize), at: 20)  // blk_size
+        put(Self.maxDiscardSectors, at: 36)  // max_discard_sectors
+        put(UInt32(BlockRequestHandler.maxDiscardSegments), at: 40)  // max_discard_seg
+        put(UInt32(8), at: 44)  // discard_sector_alignment: 4 KiB
+        put(Self.maxDiscardSectors, at: 48)  // max_write_zeroes_sectors
+        put(UInt32(BlockRequestHandler.maxDiscardSegments), at: 52)  // max_write_zeroes_seg
+        bytes[56] = 1  // write_zeroes_may_unmap
+        config = bytes
+    }
+
+    public func readConfig(offset: UInt64, length: Int) -> UInt64 {
+        var value: UInt64 = 0
+        for i in 0..<length {
+            let at = offset &+ UInt64(i)
+            guard at < UInt64(config.count) else { break }
+            value |= UInt64(config[Int(at)]) << (8 * UInt64(i))
+        }
+        return value
+    }
+
+    /// Every field this device offers is read-only (no CONFIG_WCE).
+    public func writeConfig(offset: UInt64, length: Int, value: UInt64) {}
+
+    public func activate(_ activation: VirtioActivation) throws {
+        guard let first = activation.queues.first, let queue = first else {
+            throw DeviceError(.setup, "virtio-blk '\(backend.id)': the driver did not set up the request queue")
+        }
+        let notifyFD = activation.notifyFDs[0]
+        try state.withLock { active throws in
+            active = Active(queue: queue, notifyFD: notifyFD, interrupt: activation.interrupt,
+                            bucket: iops > 0 ? TokenBucket(rate: iops) : nil)
+            active?.token = try loop.register(fd: notifyFD, events: EPOLLIN.rawValue) { [weak self] _ in
+                var value: UInt64 = 0
+                _ = withUnsafeMutableBytes(of: &value) { Glibc.read(notifyFD, $0.baseAddress, 8) }
+                self?.process()
+            }
+        }
+        // The driver may have queued requests before DRIVER_OK; look once.
+        loop.execute { [weak self] in self?.process() }
+    }
+
+    public func reset() {
+        state.withLock { active in
+            if let token = active?.token { loop.unregister(token) }
+            if let timer = active?.resumeTimer { loop.unregister(timer) }
+            active = nil
+        }
+    }
+
+    /// Processes what the driver made available (on the loop thread): until the ring is
+    /// empty, the QoS bucket runs dry (a one-shot timer resumes), or the queue breaks.
+    public func process() {
+        state.withLock { slot in
+            guard var active = slot, !active.broken else { return }
+            defer { slot = active }
+            run(&active)
+            if active.queue.needsInterrupt() { active.interrupt.signal(Virtio.Interrupt.usedBuffer) }
+        }
+    }
+
+    private func run(_ active: inout Active) {
+        func broken(_ error: VirtqueueError) {
+            active.broken = true
+            active.interrupt.markNeedsReset()
+        }
+        while true {
+            while true {
+                if active.bucket != nil, let wait = active.bucket?.wait(), wait > 0 {
+                    // Throttled: leave the rest in the ring and come back when a token is due,
+                    // without blocking this loop's other devices (or the vCPUs).
+                    if active.resumeTimer == nil, (try? active.queue.hasPending()) == true {
+                        active.resumeTimer = try? loop.schedule(afterNanoseconds: wait) { [weak self] in self?.resume() }
+                    }
+                    return
+                }
+                let chain: DescriptorChain?
+                do {
+                    chain = try active.queue.next()
+                } catch {
+                    guard case .chain(let head) = error.kind else { return broken(error) }
+                    // A malformed chain fails on its own: returned unused, nothing written.
+                    do { try active.queue.complete(head: head, written: 0) } catch { return broken(error) }
+                    continue
+                }
+                guard let chain else { break }
+                active.bucket?.consume()
+                let written = handler.execute(chain)
+                do { try active.queue.complete(head: chain.head, written: written) } catch { return broken(error) }
+                completed.add(1, ordering: .relaxed)
+            }
+            do {
+                if try active.queue.rearmNotification() { continue }
+            } catch {
+                return broken(error)
+            }
+            return
+        }
+    }
+
+    private func resume() {
+        state.withLock { $0?.resumeTimer = nil }
+        process()
+    }
+}
