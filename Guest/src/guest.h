@@ -144,6 +144,20 @@ void smp_boot(void);
 /* ---- trap.c ---- */
 void idt_init(void);
 void idt_load(void);
+extern volatile u32 irq_counts[256];
+extern void (*irq_handlers[256])(u32 vector);
+
+/* ---- smp.c: interrupt routing ---- */
+/* Routes IOAPIC pin `pin` (= ISA IRQ) to `vector` on this CPU: fixed, edge, active high, unmasked. */
+void ioapic_route(u32 pin, u32 vector);
+void lapic_eoi(void);
+/* One-shot LAPIC timer raising `vector` after about `us` microseconds (a watchdog for hlt). */
+void lapic_oneshot(u32 vector, u32 us);
+
+/* ---- main.c: options other parts use ---- */
+extern const char *opt_nonce;        /* flotilla.nonce= text, NULL when absent */
+extern size_t opt_nonce_len;
+extern u64 opt_blkloop;             /* flotilla.blkloop=<n>: n timed single-sector reads on disk 0 */
 
 /* ---- virtio.c ---- */
 void virtio_probe_all(const char *cmdline);

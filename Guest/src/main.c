@@ -11,6 +11,9 @@ struct options {
 	bool have_nonce;
 };
 static struct options opts;
+const char *opt_nonce;
+size_t opt_nonce_len;
+u64 opt_blkloop;
 
 static bool parse_bool(const char *v, size_t n)
 {
@@ -26,8 +29,15 @@ static void option_param(const char *key, size_t keylen, const char *val, size_t
 		o->hold = parse_bool(val, vallen);
 	} else if (param_is(key, keylen, "flotilla.tick")) {
 		o->tick = parse_bool(val, vallen);
+	} else if (param_is(key, keylen, "flotilla.blkloop") && val) {
+		u64 n;
+		size_t used;
+		if (parse_uint(val, vallen, &n, &used))
+			opt_blkloop = n;
 	} else if (param_is(key, keylen, "flotilla.nonce") && val) {
-		/* Reserved for later tests: parsed, not used yet. */
+		/* The virtio-blk driver writes it to every writable disk's last sector. */
+		opt_nonce = val;
+		opt_nonce_len = vallen;
 		u64 v = 0;
 		size_t i = 0;
 		if (vallen > 2 && val[0] == '0' && (val[1] == 'x' || val[1] == 'X'))

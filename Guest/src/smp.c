@@ -59,6 +59,26 @@ void interrupts_mask_all(void)
 	}
 }
 
+void ioapic_route(u32 pin, u32 vector)
+{
+	u64 io = mp.ioapic_addr ? mp.ioapic_addr : IOAPIC_DEFAULT;
+	ioapic_write(io, 0x11 + 2 * pin, lapic_id() << 24);
+	ioapic_write(io, 0x10 + 2 * pin, vector);          /* fixed, physical, edge, high, unmasked */
+}
+
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_ICR 0x380
+#define LAPIC_TIMER_DCR 0x3e0
+
+void lapic_oneshot(u32 vector, u32 us)
+{
+	/* KVM's APIC timer counts at 1 GHz; divide by 16: 62.5 counts per microsecond. */
+	lapic_write(LAPIC_TIMER_DCR, 0x3);
+	lapic_write(LAPIC_LVT_TIMER, vector);
+	u64 count = (u64)us * 125 / 2;
+	lapic_write(LAPIC_TIMER_ICR, count > 0xffffffffu ? 0xffffffffu : (u32)count);
+}
+
 static bool icr_wait_idle(void)
 {
 	for (u32 n = 0; n < 100000; n++) {

@@ -11,6 +11,10 @@ static u64 idt[256 * 2] __attribute__((aligned(16)));
 static volatile u32 unexpected_interrupts;
 void lapic_eoi(void);
 
+/* Interrupts per vector, and optional handlers (virtio devices install theirs). */
+volatile u32 irq_counts[256];
+void (*irq_handlers[256])(u32 vector);
+
 void idt_init(void)
 {
 	for (u32 v = 0; v < 256; v++) {
@@ -31,8 +35,11 @@ void idt_load(void)
 void trap_handler(struct trap_frame *f)
 {
 	if (f->vector >= 32) {
-		/* Nothing is unmasked; count strays and acknowledge them. */
-		unexpected_interrupts++;
+		irq_counts[f->vector]++;
+		if (irq_handlers[f->vector])
+			irq_handlers[f->vector](f->vector);
+		else
+			unexpected_interrupts++;     /* a stray: count and acknowledge it */
 		if (f->vector != 0xff)
 			lapic_eoi();
 		return;

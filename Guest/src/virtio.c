@@ -7,9 +7,11 @@
 
 #define MAX_VIRTIO_DEVICES 32
 
-/* Add drivers here: { VIRTIO_ID_BLOCK, "virtio-blk", virtio_blk_probe }, ... */
+bool virtio_blk_probe(struct virtio_mmio_dev *dev);
+
+/* Add drivers here. */
 static const struct virtio_driver drivers[] = {
-	{ 0, NULL, NULL },
+	{ VIRTIO_ID_BLOCK, "virtio-blk", virtio_blk_probe },
 };
 
 struct virtio_scan {

@@ -137,7 +137,11 @@ public final class VirtioBlockDevice: VirtioDevice {
                 if active.bucket != nil, let wait = active.bucket?.wait(), wait > 0 {
                     // Throttled: leave the rest in the ring and come back when a token is due,
                     // without blocking this loop's other devices (or the vCPUs).
-                    if active.resumeTimer == nil, (try? active.queue.hasPending()) == true {
+                    // With EVENT_IDX the driver only kicks when avail_event asks for it, so ask
+                    // (else a request posted now would wait for a kick that never comes).
+                    let pending: Bool
+                    do { pending = try active.queue.rearmNotification() } catch { return broken(error) }
+                    if pending && active.resumeTimer == nil {
                         active.resumeTimer = try? loop.schedule(afterNanoseconds: wait) { [weak self] in self?.resume() }
                     }
                     return
