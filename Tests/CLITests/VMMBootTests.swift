@@ -43,7 +43,9 @@ struct VMMBootTests {
         #expect(result.status == 0, "\(result.standardError)")
         let report = GuestReport(output: result.standardOutput)
         let cmdline = try #require(report.fact("cmdline"))
-        let expected = words.joined(separator: " ")
+        // The six always-present virtio-mmio slots (4 disks, 2 NICs) follow the user's words.
+        let slots = (0..<6).map { "virtio_mmio.device=4K@0x\(String(0xd000_0000 + $0 * 0x1000, radix: 16)):\(5 + $0)" }
+        let expected = (words + slots).joined(separator: " ")
         #expect(cmdline["text"] == expected)
         #expect(cmdline["crc32"] == String(format: "%08x", crc32(Array(expected.utf8))))
         let initrdFact = try #require(report.fact("initrd"))
