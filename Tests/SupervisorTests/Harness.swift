@@ -13,7 +13,8 @@ final class FlotilladHarness {
     var runtime: String { directory.file("run") }
     var state: String { directory.file("state") }
     var socket: String { runtime + "/control.sock" }
-    var stderrPath: String { directory.file("flotillad.err") }
+    let logName: String
+    var stderrPath: String { directory.file(logName) }
     var stderrText: String { readText(stderrPath) ?? "" }
 
     struct Failure: Error, CustomStringConvertible {
@@ -21,7 +22,8 @@ final class FlotilladHarness {
     }
 
     /// `extra` are added flotillad options; quick restarts and stops so tests finish promptly.
-    init(_ extra: [String] = [], environment: [String: String] = [:], directory: TemporaryDirectory? = nil) throws {
+    init(_ extra: [String] = [], environment: [String: String] = [:], directory: TemporaryDirectory? = nil, logName: String = "flotillad.err") throws {
+        self.logName = logName
         self.directory = try directory ?? TemporaryDirectory("flsup")
         arguments =
             ["--runtime-dir", self.directory.file("run"), "--state-dir", self.directory.file("state"), "--log-target", "stderr"]
