@@ -6,12 +6,23 @@ import PackageDescription
 
 let package = Package(
     name: "FlotillaBenchmarks",
+    // blk-bench runs the real virtio-blk request path, so it links the VMM library.
+    dependencies: [.package(name: "Flotilla", path: "..")],
     targets: [
         // posix_spawn with clean signal state and explicit stdio, wait4 with rusage, clocks.
         .target(name: "CBench"),
         .executableTarget(
             name: "flotilla-bench",
             dependencies: ["CBench"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // Host-side virtio-blk backend throughput against plain pread/pwrite (issue 4).
+        .executableTarget(
+            name: "blk-bench",
+            dependencies: [
+                .product(name: "VMMWorker", package: "Flotilla"),
+                .product(name: "Protocol", package: "Flotilla"),
+            ],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
     ]
