@@ -79,7 +79,7 @@ for (offset, value) in [(0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11), (0x038,
 guard transport.status == 15 else { fatalError("device did not go live: status \(transport.status)") }
 
 var availIndex: UInt16 = 0
-func post(slot: Int, write: Bool, offset: UInt64) throws {
+@MainActor func post(slot: Int, write: Bool, offset: UInt64) throws {
     let head = UInt16(slot * 3)
     let header = headers + UInt64(slot) * 16
     try memory.write(UInt32(write ? 1 : 0), at: header)
@@ -100,7 +100,7 @@ func post(slot: Int, write: Bool, offset: UInt64) throws {
 }
 
 /// Operations per second through the device, `depth` requests per notification.
-func device(write: Bool, depth: Int) throws -> Double {
+@MainActor func device(write: Bool, depth: Int) throws -> Double {
     let start = now()
     var i = 0
     while i < offsets.count {
@@ -116,8 +116,8 @@ func device(write: Bool, depth: Int) throws -> Double {
 
 /// Operations per second with plain pread/pwrite of the same offsets (depth has no meaning
 /// for synchronous calls; the same sequence of offsets is issued).
-func plain(write: Bool) -> Double {
-    let fd = open(options.path, O_RDWR | (options.direct ? O_DIRECT : 0))
+@MainActor func plain(write: Bool) -> Double {
+    let fd = open(options.path, O_RDWR | (options.direct ? 0o40000 : 0))  // 0o40000: O_DIRECT on x86_64
     defer { close(fd) }
     let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
     defer { buffer.deallocate() }
@@ -127,6 +127,11 @@ func plain(write: Bool) -> Double {
         if n != 4096 { fatalError("plain I/O failed") }
     }
     return Double(offsets.count) / (now() - start)
+}
+
+func pad(_ value: Int, _ width: Int) -> String {
+    let text = String(value)
+    return String(repeating: " ", count: max(0, width - text.count)) + text
 }
 
 print("virtio-blk backend, 4 KiB random I/O, \(options.operations) ops on a \(options.sizeMiB) MiB file (\(options.direct ? "O_DIRECT" : "page cache"))")
@@ -140,6 +145,6 @@ for write in [false, true] {
         let baseline = plain(write: write)
         let name = "\(write ? "write" : "read") QD\(depth)"
         let padded = name + String(repeating: " ", count: max(0, 14 - name.count))
-        print("\(padded)  \(String(format: "%16.0f", viaDevice))  \(String(format: "%12.0f", baseline))   \(String(format: "%.2f", viaDevice / baseline))x")
+        print("\(padded)  \(pad(Int(viaDevice), 16))  \(pad(Int(baseline), 12))   \(Double(Int(viaDevice / baseline * 100)) / 100)x")
     }
 }
