@@ -260,7 +260,7 @@ static bool blk_get_id(struct blkdev *b, char serial[21])
 	/* Give a delivered interrupt time to arrive before deciding (interrupts are taken
 	 * while the PIT delay's port I/O exits; a bare "sti; pause; cli" window is too short
 	 * for this emulator). */
-	for (u32 n = 0; n < 100 && irq_counts[IRQ_VECTOR_BASE + b->dev->irq] == before; n++) {
+	for (u32 n = 0; n < 2000 && irq_counts[IRQ_VECTOR_BASE + b->dev->irq] == before; n++) {
 		__asm__ __volatile__("sti" ::: "memory");
 		delay_us(500);
 		cli();

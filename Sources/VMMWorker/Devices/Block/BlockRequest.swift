@@ -47,13 +47,20 @@ public struct BlockRequestHandler: Sendable {
             try? memory.write(status, at: statusAddress)
             return UInt32(truncatingIfNeeded: dataWritten + 1)
         }
-        guard chain.readableLength >= 16, let header = try? gather(chain.readable, skip: 0, count: 16, of: chain.readableLength)
-        else { return finish(BlockStatus.ioError) }
-        var headerBytes = [UInt8](repeating: 0, count: 16)
-        copyOut(header, into: &headerBytes)
-        let type = UInt32(headerBytes[0]) | UInt32(headerBytes[1]) << 8 | UInt32(headerBytes[2]) << 16 | UInt32(headerBytes[3]) << 24
+        guard chain.readableLength >= 16, let first = chain.readable.first else { return finish(BlockStatus.ioError) }
+        let type: UInt32
         var sector: UInt64 = 0
-        for i in 0..<8 { sector |= UInt64(headerBytes[8 + i]) << (8 * UInt64(i)) }
+        if first.length >= 16, let t = try? memory.read(UInt32.self, at: first.address), let s = try? memory.read(UInt64.self, at: first.address + 8) {
+            // The usual layout: the whole header in the first descriptor.
+            type = t
+            sector = s
+        } else {
+            guard let header = try? gather(chain.readable, skip: 0, count: 16, of: chain.readableLength) else { return finish(BlockStatus.ioError) }
+            var headerBytes = [UInt8](repeating: 0, count: 16)
+            copyOut(header, into: &headerBytes)
+            type = UInt32(headerBytes[0]) | UInt32(headerBytes[1]) << 8 | UInt32(headerBytes[2]) << 16 | UInt32(headerBytes[3]) << 24
+            for i in 0..<8 { sector |= UInt64(headerBytes[8 + i]) << (8 * UInt64(i)) }
+        }
 
         switch type {
         case BlockRequestType.read:
