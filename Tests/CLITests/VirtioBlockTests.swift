@@ -48,7 +48,8 @@ struct VirtioBlockTests {
         var bytes = Self.randomBytes(3 << 20)
         try Self.write(bytes, to: image)
         let nonce = String(UInt64.random(in: 1...UInt64.max), radix: 16)
-        let (result, report) = try boot(["-drive", "id=disk0,file=\(image),serial=disk-zero"], append: "console=ttyS0 flotilla.nonce=\(nonce)")
+        let (result, report) = try boot(
+            ["-drive", "id=disk0,file=\(image),serial=disk-zero"], append: "console=ttyS0 flotilla.nonce=\(nonce)")
         #expect(result.status == 0, "\(result.standardError)")
         let fact = try #require(report.fact("device virtio-blk"), "\(report.lines)")
         #expect(fact["base"] == "0xd0000000")
@@ -75,8 +76,9 @@ struct VirtioBlockTests {
         try Self.write(bytes, to: image)
         // Not even writable on the host: the image is opened O_RDONLY.
         chmod(image, 0o444)
-        let (result, report) = try boot(["-drive", "id=ro,file=\(image),readonly=on,direct=\(direct ? "on" : "off")"],
-                                        append: "console=ttyS0 flotilla.nonce=abcdef")
+        let (result, report) = try boot(
+            ["-drive", "id=ro,file=\(image),readonly=on,direct=\(direct ? "on" : "off")"],
+            append: "console=ttyS0 flotilla.nonce=abcdef")
         #expect(result.status == 0, "\(result.standardError)")
         let fact = try #require(report.fact("device virtio-blk"), "\(report.lines)")
         #expect(fact["ro"] == "1")
@@ -164,7 +166,9 @@ struct VirtioBlockTests {
             guard let name = readText("/proc/\(pid)/task/\(tid)/comm")?.trimmingCharacters(in: .whitespacesAndNewlines),
                 let io = readText("/proc/\(pid)/task/\(tid)/io")
             else { return nil }
-            let rchar = io.split(separator: "\n").first { $0.hasPrefix("rchar:") }.flatMap { UInt64($0.dropFirst(6).trimmingCharacters(in: .whitespaces)) }
+            let rchar = io.split(separator: "\n").first { $0.hasPrefix("rchar:") }.flatMap {
+                UInt64($0.dropFirst(6).trimmingCharacters(in: .whitespaces))
+            }
             return (name, rchar ?? 0)
         }
     }
@@ -235,7 +239,8 @@ struct VirtioBlockTests {
         defer { directory.remove() }
         let missing = try run(vmm, ["-kernel", GuestImages.vmlinux, "-drive", "id=gone,file=\(directory.file("missing.img"))"])
         #expect(missing.status == 2)
-        #expect(missing.standardError.contains("drive 'gone'") && missing.standardError.contains("does not exist"), "\(missing.standardError)")
+        #expect(
+            missing.standardError.contains("drive 'gone'") && missing.standardError.contains("does not exist"), "\(missing.standardError)")
 
         let dir = directory.file("adir")
         mkdir(dir, 0o755)

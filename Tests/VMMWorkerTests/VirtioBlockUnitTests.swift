@@ -1,6 +1,7 @@
 import Glibc
 import Protocol
 import Testing
+
 @testable import VMMWorker
 
 /// The virtio-blk request path and the virtio-mmio register file, without a VM: crafted
@@ -41,15 +42,19 @@ struct VirtioBlockUnitTests {
         #expect(backend.capacitySectors == 16)
 
         // Read sectors 2–3 into two unaligned pieces.
-        var request = try chain(memory, type: 0, sector: 2,
-                                writable: [GuestSegment(address: Self.data + 3, length: 700), GuestSegment(address: Self.data + 1001, length: 324), statusSegment])
+        var request = try chain(
+            memory, type: 0, sector: 2,
+            writable: [
+                GuestSegment(address: Self.data + 3, length: 700), GuestSegment(address: Self.data + 1001, length: 324), statusSegment,
+            ])
         #expect(handler.execute(request) == 1025)
         #expect(try memory.read(UInt8.self, at: Self.status) == 0)
         #expect(try memory.read(at: Self.data + 3, count: 700) + memory.read(at: Self.data + 1001, count: 324) == Array(bytes[1024..<2048]))
 
         // Write sector 15 (the last), then read it back from the file.
         try memory.write([UInt8](repeating: 0xab, count: 512), at: Self.data)
-        request = try chain(memory, type: 1, sector: 15, readable: [GuestSegment(address: Self.data, length: 512)], writable: [statusSegment])
+        request = try chain(
+            memory, type: 1, sector: 15, readable: [GuestSegment(address: Self.data, length: 512)], writable: [statusSegment])
         #expect(handler.execute(request) == 1)
         #expect(try memory.read(UInt8.self, at: Self.status) == 0)
         let fd = open(path, O_RDONLY)
@@ -60,7 +65,8 @@ struct VirtioBlockUnitTests {
 
         // Beyond the end, a partial sector, and a sector number that overflows: IOERR.
         for (sector, length) in [(UInt64(16), UInt32(512)), (15, 1024), (0, 100), (UInt64.max, 512), (UInt64.max / 512 + 1, 512)] {
-            request = try chain(memory, type: 0, sector: sector, writable: [GuestSegment(address: Self.data, length: length), statusSegment])
+            request = try chain(
+                memory, type: 0, sector: sector, writable: [GuestSegment(address: Self.data, length: length), statusSegment])
             _ = handler.execute(request)
             #expect(try memory.read(UInt8.self, at: Self.status) == 1, "sector \(sector) length \(length)")
         }
@@ -80,7 +86,8 @@ struct VirtioBlockUnitTests {
             try memory.write(sector, at: Self.data)
             try memory.write(count, at: Self.data + 8)
             try memory.write(UInt32(0), at: Self.data + 12)
-            request = try chain(memory, type: type, sector: 0, readable: [GuestSegment(address: Self.data, length: 16)], writable: [statusSegment])
+            request = try chain(
+                memory, type: type, sector: 0, readable: [GuestSegment(address: Self.data, length: 16)], writable: [statusSegment])
             #expect(handler.execute(request) == 1)
             #expect(try memory.read(UInt8.self, at: Self.status) == 0, "type \(type)")
         }
@@ -116,7 +123,8 @@ struct VirtioBlockUnitTests {
         let memory = try guestMemory()
         let handler = BlockRequestHandler(backend: backend, memory: memory)
         for type in [UInt32(1), 11, 13] {
-            let request = try chain(memory, type: type, sector: 0, readable: [GuestSegment(address: Self.data, length: 512)], writable: [statusSegment])
+            let request = try chain(
+                memory, type: type, sector: 0, readable: [GuestSegment(address: Self.data, length: 512)], writable: [statusSegment])
             _ = handler.execute(request)
             #expect(try memory.read(UInt8.self, at: Self.status) == 1, "type \(type)")
         }
@@ -132,8 +140,9 @@ struct VirtioBlockUnitTests {
         defer { unlink(path) }
         let memory = try guestMemory()
         let loop = try EventLoop(name: "t")
-        let device = VirtioBlockDevice(backend: try BlockBackend(drive: DriveConfig(id: "d", path: path, direct: false)), memory: memory,
-                                       loop: loop)
+        let device = VirtioBlockDevice(
+            backend: try BlockBackend(drive: DriveConfig(id: "d", path: path, direct: false)), memory: memory,
+            loop: loop)
         let t = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 0), device: device, memory: memory, vm: nil)
         typealias R = Virtio.MMIORegister
         #expect(t.read(offset: R.magicValue, length: 4) == 0x7472_6976)
@@ -191,8 +200,9 @@ struct VirtioBlockUnitTests {
             loop.stop()
             HostThread.join(thread)
         }
-        let device = VirtioBlockDevice(backend: try BlockBackend(drive: DriveConfig(id: "d", path: path, direct: false)), memory: memory,
-                                       loop: loop)
+        let device = VirtioBlockDevice(
+            backend: try BlockBackend(drive: DriveConfig(id: "d", path: path, direct: false)), memory: memory,
+            loop: loop)
         let t = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 0), device: device, memory: memory, vm: nil)
         typealias R = Virtio.MMIORegister
         var q = CraftedQueue(memory: memory)

@@ -1,6 +1,7 @@
 import Glibc
 import Protocol
 import Testing
+
 @testable import VMMWorker
 
 /// A driver's view of one split virtqueue in crafted guest memory (virtio 1.2 §2.7).
@@ -19,7 +20,9 @@ struct CraftedQueue {
         layout = VirtqueueLayout(size: size, descriptorTable: Self.descriptors, availableRing: Self.avail, usedRing: Self.used)
     }
 
-    func descriptor(_ index: UInt16, address: UInt64, length: UInt32, flags: UInt16 = 0, next: UInt16 = 0, table: UInt64 = descriptors) throws {
+    func descriptor(_ index: UInt16, address: UInt64, length: UInt32, flags: UInt16 = 0, next: UInt16 = 0, table: UInt64 = descriptors)
+        throws
+    {
         let at = table + 16 * UInt64(index)
         try memory.write(address, at: at)
         try memory.write(length, at: at + 8)
@@ -98,29 +101,48 @@ struct VirtqueueTests {
         ("address + length wraps", { q in try q.descriptor(0, address: UInt64.max - 7, length: 16) }),
         ("buffer runs past the end of RAM", { q in try q.descriptor(0, address: (4 << 20) - 8, length: 16) }),
         ("zero length", { q in try q.descriptor(0, address: CraftedQueue.buffers, length: 0) }),
-        ("a loop", { q in
-            try q.descriptor(0, address: CraftedQueue.buffers, length: 16, flags: 1, next: 1)
-            try q.descriptor(1, address: CraftedQueue.buffers, length: 16, flags: 1, next: 0)
-        }),
-        ("longer than the queue (six descriptors, then around again)", { q in
-            for i in UInt16(0)..<6 { try q.descriptor(i, address: CraftedQueue.buffers, length: 16, flags: 1, next: i == 5 ? 1 : i + 1) }
-        }),
+        (
+            "a loop",
+            { q in
+                try q.descriptor(0, address: CraftedQueue.buffers, length: 16, flags: 1, next: 1)
+                try q.descriptor(1, address: CraftedQueue.buffers, length: 16, flags: 1, next: 0)
+            }
+        ),
+        (
+            "longer than the queue (six descriptors, then around again)",
+            { q in
+                for i in UInt16(0)..<6 {
+                    try q.descriptor(i, address: CraftedQueue.buffers, length: 16, flags: 1, next: i == 5 ? 1 : i + 1)
+                }
+            }
+        ),
         ("next beyond the queue size", { q in try q.descriptor(0, address: CraftedQueue.buffers, length: 16, flags: 1, next: 9) }),
-        ("readable after writable (wrong direction)", { q in
-            try q.descriptor(0, address: CraftedQueue.buffers, length: 1, flags: 1 | 2, next: 1)
-            try q.descriptor(1, address: CraftedQueue.buffers, length: 16)
-        }),
-        ("nested indirect table", { q in
-            try q.descriptor(0, address: 0x30000, length: 16, flags: 4, table: 0x30000)
-            try q.descriptor(0, address: 0x30000, length: 16, flags: 4)
-        }),
+        (
+            "readable after writable (wrong direction)",
+            { q in
+                try q.descriptor(0, address: CraftedQueue.buffers, length: 1, flags: 1 | 2, next: 1)
+                try q.descriptor(1, address: CraftedQueue.buffers, length: 16)
+            }
+        ),
+        (
+            "nested indirect table",
+            { q in
+                try q.descriptor(0, address: 0x30000, length: 16, flags: 4, table: 0x30000)
+                try q.descriptor(0, address: 0x30000, length: 16, flags: 4)
+            }
+        ),
         ("indirect with NEXT", { q in try q.descriptor(0, address: 0x30000, length: 16, flags: 4 | 1, next: 1) }),
         ("indirect table of odd length", { q in try q.descriptor(0, address: 0x30000, length: 24, flags: 4) }),
         ("indirect table outside RAM", { q in try q.descriptor(0, address: 0xdead_0000_0000, length: 32, flags: 4) }),
-        ("indirect table longer than the queue", { q in
-            for i in UInt16(0)..<16 { try q.descriptor(i, address: CraftedQueue.buffers, length: 16, flags: 1, next: i + 1, table: 0x30000) }
-            try q.descriptor(0, address: 0x30000, length: 256, flags: 4)
-        }),
+        (
+            "indirect table longer than the queue",
+            { q in
+                for i in UInt16(0)..<16 {
+                    try q.descriptor(i, address: CraftedQueue.buffers, length: 16, flags: 1, next: i + 1, table: 0x30000)
+                }
+                try q.descriptor(0, address: 0x30000, length: 256, flags: 4)
+            }
+        ),
     ]
 
     @Test("malformed chains fail their request and the queue goes on", arguments: 0..<malformed.count)
@@ -225,9 +247,11 @@ struct VirtqueueTests {
                     let r = generator.next()
                     let address = r & 1 == 0 ? interesting[Int(r >> 8) % interesting.count] : 0x20000 + (r >> 16) % 0x4000
                     let length: UInt32 = r & 2 == 0 ? UInt32(truncatingIfNeeded: generator.next()) : UInt32(generator.next() % 600)
-                    try q.descriptor(index, address: r & 4 == 0 ? address : 0x30000, length: length,
-                                     flags: UInt16(truncatingIfNeeded: generator.next() & 7), next: UInt16(truncatingIfNeeded: generator.next() % UInt64(size * 2)),
-                                     table: table)
+                    try q.descriptor(
+                        index, address: r & 4 == 0 ? address : 0x30000, length: length,
+                        flags: UInt16(truncatingIfNeeded: generator.next() & 7),
+                        next: UInt16(truncatingIfNeeded: generator.next() % UInt64(size * 2)),
+                        table: table)
                 }
             }
             for _ in 0..<Int(generator.next() % 6) { try q.publish(UInt16(truncatingIfNeeded: generator.next() % UInt64(size + 2))) }

@@ -45,14 +45,16 @@ public final class BlockBackend: Sendable {
         if opened < 0 && errno == EINTR { opened = fl_open_image(drive.path, drive.readOnly ? 0 : 1, drive.direct ? 1 : 0) }
         guard opened >= 0 else {
             let code = errno
-            let hint = switch code {
-            case ENOENT: "it does not exist"
-            case EACCES, EPERM: drive.readOnly ? "it is not readable" : "it is not readable and writable (use readonly=on for a read-only image)"
-            case EROFS: "it is on a read-only file system (use readonly=on)"
-            case EINVAL where drive.direct: "its file system does not support O_DIRECT (use direct=off)"
-            case EISDIR: "it is a directory"
-            default: "open failed"
-            }
+            let hint =
+                switch code {
+                case ENOENT: "it does not exist"
+                case EACCES, EPERM:
+                    drive.readOnly ? "it is not readable" : "it is not readable and writable (use readonly=on for a read-only image)"
+                case EROFS: "it is on a read-only file system (use readonly=on)"
+                case EINVAL where drive.direct: "its file system does not support O_DIRECT (use direct=off)"
+                case EISDIR: "it is a directory"
+                default: "open failed"
+                }
             throw DeviceError(.image, "\(what): \(hint)", cause: SyscallError("open", .init(rawValue: code)))
         }
         var isBlock: Int32 = 0

@@ -50,12 +50,16 @@ public struct BlockRequestHandler: Sendable {
         guard chain.readableLength >= 16, let first = chain.readable.first else { return finish(BlockStatus.ioError) }
         let type: UInt32
         var sector: UInt64 = 0
-        if first.length >= 16, let t = try? memory.read(UInt32.self, at: first.address), let s = try? memory.read(UInt64.self, at: first.address + 8) {
+        if first.length >= 16, let t = try? memory.read(UInt32.self, at: first.address),
+            let s = try? memory.read(UInt64.self, at: first.address + 8)
+        {
             // The usual layout: the whole header in the first descriptor.
             type = t
             sector = s
         } else {
-            guard let header = try? gather(chain.readable, skip: 0, count: 16, of: chain.readableLength) else { return finish(BlockStatus.ioError) }
+            guard let header = try? gather(chain.readable, skip: 0, count: 16, of: chain.readableLength) else {
+                return finish(BlockStatus.ioError)
+            }
             var headerBytes = [UInt8](repeating: 0, count: 16)
             copyOut(header, into: &headerBytes)
             type = UInt32(headerBytes[0]) | UInt32(headerBytes[1]) << 8 | UInt32(headerBytes[2]) << 16 | UInt32(headerBytes[3]) << 24
@@ -67,7 +71,8 @@ public struct BlockRequestHandler: Sendable {
             // §5.2.6.1: data is a multiple of 512 bytes; here also within the disk.
             let length = chain.writableLength - 1
             guard chain.readableLength == 16, length % BlockBackend.sectorSize == 0, length <= Self.maxRequestBytes,
-                backend.contains(sector: sector, bytes: length), var iovecs = try? gather(chain.writable, skip: 0, count: length, of: chain.writableLength)
+                backend.contains(sector: sector, bytes: length),
+                var iovecs = try? gather(chain.writable, skip: 0, count: length, of: chain.writableLength)
             else { return finish(BlockStatus.ioError) }
             do {
                 if length > 0 { try backend.transfer(&iovecs, total: Int(length), at: sector * BlockBackend.sectorSize, write: false) }
@@ -79,7 +84,8 @@ public struct BlockRequestHandler: Sendable {
             let length = chain.readableLength - 16
             // §5.2.6.2: a device offering VIRTIO_BLK_F_RO fails writes.
             guard !backend.readOnly, chain.writableLength == 1, length % BlockBackend.sectorSize == 0, length <= Self.maxRequestBytes,
-                backend.contains(sector: sector, bytes: length), var iovecs = try? gather(chain.readable, skip: 16, count: length, of: chain.readableLength)
+                backend.contains(sector: sector, bytes: length),
+                var iovecs = try? gather(chain.readable, skip: 16, count: length, of: chain.readableLength)
             else { return finish(BlockStatus.ioError) }
             do {
                 if length > 0 { try backend.transfer(&iovecs, total: Int(length), at: sector * BlockBackend.sectorSize, write: true) }
@@ -120,7 +126,8 @@ public struct BlockRequestHandler: Sendable {
     private func discardOrZero(_ chain: DescriptorChain, zero: Bool) -> UInt8 {
         let length = chain.readableLength - 16
         guard !backend.readOnly, chain.writableLength == 1, length > 0, length % 16 == 0,
-            length / 16 <= Self.maxDiscardSegments, let iovecs = try? gather(chain.readable, skip: 16, count: length, of: chain.readableLength)
+            length / 16 <= Self.maxDiscardSegments,
+            let iovecs = try? gather(chain.readable, skip: 16, count: length, of: chain.readableLength)
         else { return BlockStatus.ioError }
         var bytes = [UInt8](repeating: 0, count: Int(length))
         copyOut(iovecs, into: &bytes)

@@ -96,8 +96,9 @@ public final class VirtioBlockDevice: VirtioDevice {
         }
         let notifyFD = activation.notifyFDs[0]
         try state.withLock { active throws in
-            active = Active(queue: queue, notifyFD: notifyFD, interrupt: activation.interrupt,
-                            bucket: iops > 0 ? TokenBucket(rate: iops) : nil)
+            active = Active(
+                queue: queue, notifyFD: notifyFD, interrupt: activation.interrupt,
+                bucket: iops > 0 ? TokenBucket(rate: iops) : nil)
             active?.token = try loop.register(fd: notifyFD, events: EPOLLIN.rawValue) { [weak self] _ in
                 var value: UInt64 = 0
                 _ = withUnsafeMutableBytes(of: &value) { Glibc.read(notifyFD, $0.baseAddress, 8) }

@@ -161,8 +161,9 @@ public final class VirtioMMIOTransport: Sendable {
                 for (index, fd) in notify.enumerated() {
                     // §4.2.2 QueueNotify: the driver writes the queue index; KVM signals the
                     // matching eventfd without leaving the kernel.
-                    try vm.registerIOEventFD(fd, space: .mmio, address: slot.base + Virtio.MMIORegister.queueNotify, length: 4,
-                                             datamatch: UInt64(index))
+                    try vm.registerIOEventFD(
+                        fd, space: .mmio, address: slot.base + Virtio.MMIORegister.queueNotify, length: 4,
+                        datamatch: UInt64(index))
                 }
             }
             interrupt = VirtioInterrupt(eventFD: irqFD)
@@ -177,8 +178,9 @@ public final class VirtioMMIOTransport: Sendable {
         device.reset()
         if let vm {
             for (index, fd) in notifyFDs.enumerated() {
-                try? vm.unregisterIOEventFD(fd, space: .mmio, address: slot.base + Virtio.MMIORegister.queueNotify, length: 4,
-                                            datamatch: UInt64(index))
+                try? vm.unregisterIOEventFD(
+                    fd, space: .mmio, address: slot.base + Virtio.MMIORegister.queueNotify, length: 4,
+                    datamatch: UInt64(index))
             }
             try? vm.unregisterIRQFD(interrupt.eventFD, gsi: slot.irq)
         }
@@ -336,14 +338,17 @@ public final class VirtioMMIOTransport: Sendable {
                     queues.append(nil)
                     continue
                 }
-                let layout = VirtqueueLayout(size: q.size, descriptorTable: q.descriptorTable, availableRing: q.availableRing,
-                                             usedRing: q.usedRing)
+                let layout = VirtqueueLayout(
+                    size: q.size, descriptorTable: q.descriptorTable, availableRing: q.availableRing,
+                    usedRing: q.usedRing)
                 if layout.problem(maxSize: device.queueMaxSizes[index], memory: memory) != nil {
                     interrupt.markNeedsReset()
                     return
                 }
-                queues.append(SplitVirtqueue(layout: layout, memory: memory, eventIndex: features & Virtio.Feature.eventIndex != 0,
-                                             indirect: features & Virtio.Feature.indirectDescriptors != 0))
+                queues.append(
+                    SplitVirtqueue(
+                        layout: layout, memory: memory, eventIndex: features & Virtio.Feature.eventIndex != 0,
+                        indirect: features & Virtio.Feature.indirectDescriptors != 0))
             }
             do {
                 try device.activate(VirtioActivation(features: features, queues: queues, notifyFDs: notifyFDs, interrupt: interrupt))

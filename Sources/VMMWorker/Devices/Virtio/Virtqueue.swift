@@ -158,8 +158,9 @@ public struct SplitVirtqueue: Sendable {
     func descriptor(table: UInt64, index: UInt16, head: UInt16) throws(VirtqueueError) -> RawDescriptor {
         let at = table &+ 16 &* UInt64(index)
         do {
-            return RawDescriptor(address: try memory.read(UInt64.self, at: at), length: try memory.read(UInt32.self, at: at &+ 8),
-                                 flags: try memory.read(UInt16.self, at: at &+ 12), next: try memory.read(UInt16.self, at: at &+ 14))
+            return RawDescriptor(
+                address: try memory.read(UInt64.self, at: at), length: try memory.read(UInt32.self, at: at &+ 8),
+                flags: try memory.read(UInt16.self, at: at &+ 12), next: try memory.read(UInt16.self, at: at &+ 14))
         } catch {
             throw VirtqueueError(kind: .chain(head: head), reason: "descriptor \(index) at \(hex(at)) is not in guest RAM")
         }
@@ -188,7 +189,9 @@ public struct SplitVirtqueue: Sendable {
                 guard indirect else { throw fail("indirect descriptor without VIRTIO_F_INDIRECT_DESC") }
                 guard !inIndirect else { throw fail("nested indirect table") }
                 guard d.flags & Self.descriptorNext == 0 else { throw fail("indirect descriptor with NEXT set") }
-                guard d.length != 0, d.length % 16 == 0 else { throw fail("indirect table length \(d.length) is not a non-zero multiple of 16") }
+                guard d.length != 0, d.length % 16 == 0 else {
+                    throw fail("indirect table length \(d.length) is not a non-zero multiple of 16")
+                }
                 guard memory.contains(d.address, length: UInt64(d.length)) else {
                     throw fail("indirect table [\(hex(d.address)), +\(d.length)) is not in guest RAM")
                 }
