@@ -17,6 +17,8 @@ enum Seccomp {
         "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "lseek",
         "recvfrom", "sendto", "recvmsg", "sendmsg", "accept4", "shutdown", "close", "fcntl",
         "fsync", "fdatasync", "fstat", "newfstatat",
+        // virtio-blk DISCARD and WRITE_ZEROES (punch hole, zero range).
+        "fallocate",
         // Event loops and timers.
         "epoll_wait", "epoll_pwait", "epoll_ctl", "timerfd_create", "timerfd_settime", "ppoll", "poll",
         // Threads: parking, kicking vCPUs (pthread_kill → tgkill), signals.
