@@ -37,7 +37,7 @@ struct Flotillad: ParsableCommand {
     @Option(help: "The crash-loop window in seconds.")
     var crashLoopWindow: Double = 300
 
-    @Flag(help: "Stop every VM when flotillad is stopped (default: leave them running for the next flotillad).")
+    @Flag(name: .customLong("stop-vms-on-exit"), help: "Stop every VM when flotillad is stopped (default: leave them running for the next flotillad).")
     var stopVMsOnExit = false
 
     @Option(help: "Where log entries go: auto (the journal under systemd, else stderr), journal, stderr.")
