@@ -35,7 +35,8 @@ public final class ControlClient {
             throw Failure(errorClass: error["class"]?.stringValue, description: error["desc"]?.stringValue ?? "refused")
         }
         guard greeting["QMP"] != nil else {
-            throw Failure(errorClass: nil, description: "\(socketPath) did not greet like flotillad: \(JSONValue.object(greeting).compactText)")
+            throw Failure(
+                errorClass: nil, description: "\(socketPath) did not greet like flotillad: \(JSONValue.object(greeting).compactText)")
         }
     }
 
@@ -54,7 +55,8 @@ public final class ControlClient {
             let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if count < 0 && errno == EINTR { continue }
             guard count > 0 else {
-                throw Failure(errorClass: nil, description: "flotillad closed the connection" + (count < 0 ? ": \(Sys.errorText(errno))" : ""))
+                throw Failure(
+                    errorClass: nil, description: "flotillad closed the connection" + (count < 0 ? ": \(Sys.errorText(errno))" : ""))
             }
             for piece in splitter.append(chunk[0..<count]) {
                 if case .message(let bytes) = piece { pieces.append(bytes) }

@@ -66,7 +66,8 @@ final class WorkerQMPConnection {
                 phase = .ready
                 finishReady(.success(()))
             } else {
-                finishReady(.failure(SupervisorError(.failed, "the worker refused qmp_capabilities: \(JSONValue.object(object).compactText)")))
+                finishReady(
+                    .failure(SupervisorError(.failed, "the worker refused qmp_capabilities: \(JSONValue.object(object).compactText)")))
                 connection.close()
             }
         case .ready:
@@ -168,7 +169,9 @@ final class QMPMultiplexer {
                     QMP.error(.commandNotFound, "Capabilities negotiation is already complete, command ignored", id: command.id))
             } else if let enable = command.arguments["enable"], enable.arrayValue?.isEmpty != true {
                 client.connection.send(
-                    QMP.error(.genericError, "Capability '\(enable.arrayValue?.first?.stringValue ?? enable.compactText)' not available", id: command.id))
+                    QMP.error(
+                        .genericError, "Capability '\(enable.arrayValue?.first?.stringValue ?? enable.compactText)' not available",
+                        id: command.id))
             } else {
                 client.negotiated = true
                 client.connection.send(QMP.success(id: command.id))
@@ -176,7 +179,8 @@ final class QMPMultiplexer {
             return
         }
         guard client.negotiated else {
-            client.connection.send(QMP.error(.commandNotFound, "Expecting capabilities negotiation with 'qmp_capabilities'", id: command.id))
+            client.connection.send(
+                QMP.error(.commandNotFound, "Expecting capabilities negotiation with 'qmp_capabilities'", id: command.id))
             return
         }
         guard worker.isReady else {

@@ -323,7 +323,8 @@ public final class Supervisor {
         }
         vm.startedAt = Sys.wallNow()
         log.log(
-            .info, "started VM \(vm.name) (worker \(pid))", fields: ["VM_NAME": vm.name, "VM_PID": "\(pid)", "FLOTILLA_EVENT": "vm-started"])
+            .info, "started VM \(vm.name) (worker \(pid))",
+            fields: ["VM_NAME": vm.name, "VM_PID": "\(pid)", "FLOTILLA_EVENT": "vm-started"])
         if case .stop = vm.intent {
             beginStopSteps(vm)
             return
@@ -481,7 +482,9 @@ public final class Supervisor {
         let recent = vm.failureTimes.count
         if recent > options.crashLoopLimit {
             vm.state = .failed
-            vm.lastExit = reason + "; crash loop: \(recent) exits within \(Int(options.crashLoopWindow)) s (limit \(options.crashLoopLimit)), not restarted"
+            vm.lastExit =
+                reason
+                + "; crash loop: \(recent) exits within \(Int(options.crashLoopWindow)) s (limit \(options.crashLoopLimit)), not restarted"
             log.log(
                 .error, "VM \(vm.name) is failing repeatedly (\(recent) exits within \(Int(options.crashLoopWindow)) s); marked failed",
                 fields: ["VM_NAME": vm.name, "FLOTILLA_EVENT": "vm-crash-loop", "RESTART_COUNT": "\(vm.restartCount)"])
@@ -531,7 +534,9 @@ public final class Supervisor {
         vm.state = .stopping
         if let multiplexer = vm.multiplexer {
             vm.stopSteps = ["quit"]
-            log.log(.info, "stopping VM \(vm.name): QMP quit", fields: ["VM_NAME": vm.name, "VM_PID": "\(pid)", "FLOTILLA_EVENT": "vm-stop-quit"])
+            log.log(
+                .info, "stopping VM \(vm.name): QMP quit",
+                fields: ["VM_NAME": vm.name, "VM_PID": "\(pid)", "FLOTILLA_EVENT": "vm-stop-quit"])
             multiplexer.execute("quit") { _ in }
         } else {
             vm.stopSteps = []
@@ -573,7 +578,8 @@ public final class Supervisor {
         guard let vm = vms[name] else {
             let known = vms.keys.sorted()
             throw SupervisorError(
-                .notFound, "no VM named '\(name)'" + (known.isEmpty ? "; the fleet is empty" : "; known VMs: " + known.joined(separator: ", ")))
+                .notFound,
+                "no VM named '\(name)'" + (known.isEmpty ? "; the fleet is empty" : "; known VMs: " + known.joined(separator: ", ")))
         }
         return vm
     }
@@ -673,7 +679,9 @@ public final class Supervisor {
         guard !shuttingDown else { return }
         shuttingDown = true
         ServiceNotifier.notify("STOPPING=1\nSTATUS=stopping: \(fleetSummary)")
-        log.log(.notice, "stopping flotillad (\(options.stopVMsOnExit ? "stopping" : "leaving running") its VMs)", fields: ["FLOTILLA_EVENT": "stopping"])
+        log.log(
+            .notice, "stopping flotillad (\(options.stopVMsOnExit ? "stopping" : "leaving running") its VMs)",
+            fields: ["FLOTILLA_EVENT": "stopping"])
         control?.close()
         control = nil
         let finish = { [weak self] in

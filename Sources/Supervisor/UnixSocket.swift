@@ -22,7 +22,9 @@ public enum UnixSocket {
     /// Binds and listens on `path` (removing a stale socket file first) with `mode`.
     public static func listen(path: String, mode: mode_t, backlog: Int32 = 128) throws(SystemCallError) -> Int32 {
         var address = try address(path)
-        let fd = try Sys.once("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0) }
+        let fd = try Sys.once("socket") {
+            socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+        }
         do throws(SystemCallError) {
             var info = stat()
             if lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFSOCK { _ = unlink(path) }
@@ -47,7 +49,9 @@ public enum UnixSocket {
         do throws(SystemCallError) {
             _ = try Sys.retrying("connect \(path)") {
                 withUnsafePointer(to: &address) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                    }
                 }
             }
             if !blocking {

@@ -37,7 +37,9 @@ struct Flotillad: ParsableCommand {
     @Option(help: "The crash-loop window in seconds.")
     var crashLoopWindow: Double = 300
 
-    @Flag(name: .customLong("stop-vms-on-exit"), help: "Stop every VM when flotillad is stopped (default: leave them running for the next flotillad).")
+    @Flag(
+        name: .customLong("stop-vms-on-exit"),
+        help: "Stop every VM when flotillad is stopped (default: leave them running for the next flotillad).")
     var stopVMsOnExit = false
 
     @Option(help: "Where log entries go: auto (the journal under systemd, else stderr), journal, stderr.")
@@ -48,8 +50,12 @@ struct Flotillad: ParsableCommand {
         where !(value >= 0 && value <= 86400) {
             throw ValidationError("\(name) '\(value)' is not allowed; allowed: 0 to 86400 seconds")
         }
-        guard crashLoopLimit >= 0 else { throw ValidationError("--crash-loop-limit '\(crashLoopLimit)' is not allowed; allowed: 0 or more") }
-        guard crashLoopWindow > 0 else { throw ValidationError("--crash-loop-window '\(crashLoopWindow)' is not allowed; allowed: more than 0 seconds") }
+        guard crashLoopLimit >= 0 else {
+            throw ValidationError("--crash-loop-limit '\(crashLoopLimit)' is not allowed; allowed: 0 or more")
+        }
+        guard crashLoopWindow > 0 else {
+            throw ValidationError("--crash-loop-window '\(crashLoopWindow)' is not allowed; allowed: more than 0 seconds")
+        }
     }
 
     func run() throws {

@@ -27,10 +27,19 @@ struct ControlAPITests {
             ("vm-status", ["name": "x", "force": true], "InvalidArgument", "vm-status: unknown argument 'force'; allowed: name"),
             ("vm-status", ["name": 7], "InvalidArgument", "vm-status: name: 7 is not allowed; allowed: a string"),
             ("vm-status", ["name": "ghost"], "NotFound", "no VM named 'ghost'; the fleet is empty"),
-            ("vm-create", ["name": "a/b", "config": guestConfig()], "InvalidArgument", "vm-create: name: a/b is not allowed; allowed: 1-64"),
+            (
+                "vm-create", ["name": "a/b", "config": guestConfig()], "InvalidArgument",
+                "vm-create: name: a/b is not allowed; allowed: 1-64"
+            ),
             ("vm-create", ["name": "x", "config": "file.json"], "InvalidArgument", "vm-create: config: \"file.json\" is not allowed"),
-            ("vm-create", ["name": "x", "config": guestConfig(), "restart": "sometimes"], "InvalidArgument", "restart: \"sometimes\" is not allowed; allowed: never, on-failure, always"),
-            ("vm-create", ["name": "x", "config": guestConfig(), "start": "yes"], "InvalidArgument", "vm-create: start: \"yes\" is not allowed; allowed: true or false"),
+            (
+                "vm-create", ["name": "x", "config": guestConfig(), "restart": "sometimes"], "InvalidArgument",
+                "restart: \"sometimes\" is not allowed; allowed: never, on-failure, always"
+            ),
+            (
+                "vm-create", ["name": "x", "config": guestConfig(), "start": "yes"], "InvalidArgument",
+                "vm-create: start: \"yes\" is not allowed; allowed: true or false"
+            ),
             ("vm-create", ["name": "x", "config": ["boot-source": ["boot_args": ""]]], "InvalidArgument", "kernel_image_path"),
         ]
         for (command, arguments, errorClass, message) in cases {
@@ -82,7 +91,9 @@ struct ControlAPITests {
         chmod(daemon.socket, 0o666)
         let refused = try run("/usr/bin/setpriv", asNobody)
         #expect(refused.status == 1)
-        #expect(refused.standardError.contains("permission denied: uid 65534 may not use flotillad's control socket"), "\(refused.standardError)")
+        #expect(
+            refused.standardError.contains("permission denied: uid 65534 may not use flotillad's control socket"),
+            "\(refused.standardError)")
         #expect(daemon.stderrText.contains("control socket: refused pid"))
     }
 
@@ -110,7 +121,9 @@ struct ControlAPITests {
         #expect(status?["state"] == "stopped")
         #expect(status?["restart"] == "never")
         let list = try run(ctl, ["list", "--socket", daemon.socket])
-        #expect(list.standardOutput.hasPrefix("NAME  STATE    PID  UPTIME  RESTARTS  POLICY  LAST EXIT\nweb   stopped  -"), "\(list.standardOutput)")
+        #expect(
+            list.standardOutput.hasPrefix("NAME  STATE    PID  UPTIME  RESTARTS  POLICY  LAST EXIT\nweb   stopped  -"),
+            "\(list.standardOutput)")
         let listJSON = try JSONValue.parse(try run(ctl, ["list", "--json", "--socket", daemon.socket]).standardOutput)
         #expect(listJSON.arrayValue?.count == 1)
         let deleted = try run(ctl, ["delete", "web", "--socket", daemon.socket])

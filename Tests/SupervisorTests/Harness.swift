@@ -22,7 +22,9 @@ final class FlotilladHarness {
     }
 
     /// `extra` are added flotillad options; quick restarts and stops so tests finish promptly.
-    init(_ extra: [String] = [], environment: [String: String] = [:], directory: TemporaryDirectory? = nil, logName: String = "flotillad.err") throws {
+    init(
+        _ extra: [String] = [], environment: [String: String] = [:], directory: TemporaryDirectory? = nil, logName: String = "flotillad.err"
+    ) throws {
         self.logName = logName
         self.directory = try directory ?? TemporaryDirectory("flsup")
         arguments =

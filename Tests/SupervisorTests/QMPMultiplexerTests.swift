@@ -105,7 +105,9 @@ struct QMPMultiplexerTests {
         // A client that sends garbage gets errors and keeps its connection.
         let noisy = try QMPTestClient(path: path)
         try noisy.handshake()
-        try noisy.sendRaw("} 42 {\"execute\": \"query-status\", \"arguments\": 7, \"id\": \"g\"} {\"id\": 3} {\"execute\":\"query-name\",\"id\":\"ok\"}\n")
+        try noisy.sendRaw(
+            "} 42 {\"execute\": \"query-status\", \"arguments\": 7, \"id\": \"g\"} {\"id\": 3} {\"execute\":\"query-name\",\"id\":\"ok\"}\n"
+        )
         let errors = try (0..<4).map { _ in try noisy.receive() }
         #expect(errors[0]["error"]?.objectValue?["desc"]?.stringValue?.contains("JSON parse error") == true, "\(errors[0])")
         #expect(errors[1]["error"]?.objectValue?["desc"] == "QMP input must be a JSON object")

@@ -99,7 +99,9 @@ struct ReattachTests {
         #expect(status["restart_count"] == 1)
         #expect(status["last_exit"] == "the worker ended while flotillad was not running")
         #expect(impostor.isRunning, "the impostor must not be signalled")
-        #expect(second.stderrText.contains("stale pidfile \(vmDirectory)/pid (pid \(impostor.processIdentifier), lock held by nobody); not adopted"))
+        #expect(
+            second.stderrText.contains(
+                "stale pidfile \(vmDirectory)/pid (pid \(impostor.processIdentifier), lock held by nobody); not adopted"))
         // The new pidfile is the real worker's.
         #expect(readText(vmDirectory + "/pid")?.trimmingCharacters(in: .whitespacesAndNewlines) == "\(pid)")
     }

@@ -9,9 +9,10 @@ import Testing
 struct SystemdTests {
     @Test("journal field names: the ones flotillad uses are valid, invalid ones are recognised")
     func fieldNames() {
-        for name in ["MESSAGE", "PRIORITY", "VM_NAME", "VM_PID", "FLOTILLA_EVENT", "QMP_EVENT", "EXIT_STATUS", "EXIT_SIGNAL",
-            "SHUTDOWN_REASON", "RESTART_COUNT", "RESTART_DELAY_SECONDS", "PEER_UID", "SYSLOG_IDENTIFIER"]
-        {
+        for name in [
+            "MESSAGE", "PRIORITY", "VM_NAME", "VM_PID", "FLOTILLA_EVENT", "QMP_EVENT", "EXIT_STATUS", "EXIT_SIGNAL",
+            "SHUTDOWN_REASON", "RESTART_COUNT", "RESTART_DELAY_SECONDS", "PEER_UID", "SYSLOG_IDENTIFIER",
+        ] {
             #expect(SupervisorLog.isValidFieldName(name), "\(name)")
         }
         for name in ["", "vm_name", "VM-NAME", "_PID", "1ABC", "VM NAME", String(repeating: "A", count: 65), "VMÄ"] {
