@@ -1,5 +1,6 @@
 import FlotillaTestSupport
 import Testing
+
 @testable import VMMWorker
 
 @Suite("Kernel loaders")
@@ -105,12 +106,13 @@ struct KernelLoaderTests {
 struct BootStructureTests {
     @Test("e820 for 256 MiB")
     func e820Small() {
-        #expect(E820Entry.map(memorySize: 256 << 20) == [
-            E820Entry(address: 0, size: 0x9fc00, kind: .ram),
-            E820Entry(address: 0x9fc00, size: 0x400, kind: .reserved),
-            E820Entry(address: 0xf0000, size: 0x10000, kind: .reserved),
-            E820Entry(address: 0x100000, size: (256 << 20) - 0x100000, kind: .ram),
-        ])
+        #expect(
+            E820Entry.map(memorySize: 256 << 20) == [
+                E820Entry(address: 0, size: 0x9fc00, kind: .ram),
+                E820Entry(address: 0x9fc00, size: 0x400, kind: .reserved),
+                E820Entry(address: 0xf0000, size: 0x10000, kind: .reserved),
+                E820Entry(address: 0x100000, size: (256 << 20) - 0x100000, kind: .ram),
+            ])
     }
 
     @Test("e820 for 6 GiB splits around the 32-bit hole")
@@ -201,30 +203,39 @@ struct BootStructureTests {
     func initrdPlacement() throws {
         let mib: UInt64 = 1 << 20
         // Top of a 256 MiB guest.
-        #expect(try BootLoader.placeInitrd(size: 5000, addressMax: 0x7fff_ffff, lowRAMEnd: 256 * mib, kernelStart: mib, kernelEnd: 2 * mib, name: "i")
-            == 256 * mib - 8192)
+        #expect(
+            try BootLoader.placeInitrd(
+                size: 5000, addressMax: 0x7fff_ffff, lowRAMEnd: 256 * mib, kernelStart: mib, kernelEnd: 2 * mib, name: "i")
+                == 256 * mib - 8192)
         // initrd_addr_max below the top of RAM: the last byte must be <= addressMax.
-        let capped = try BootLoader.placeInitrd(size: 4096, addressMax: 0x37ff_ffff, lowRAMEnd: 2048 * mib, kernelStart: mib, kernelEnd: 2 * mib, name: "i")
+        let capped = try BootLoader.placeInitrd(
+            size: 4096, addressMax: 0x37ff_ffff, lowRAMEnd: 2048 * mib, kernelStart: mib, kernelEnd: 2 * mib, name: "i")
         #expect(capped == 0x3800_0000 - 4096)
         // The kernel occupies the top: go below it.
-        let below = try BootLoader.placeInitrd(size: 4096, addressMax: 0x7fff_ffff, lowRAMEnd: 64 * mib, kernelStart: 32 * mib, kernelEnd: 64 * mib, name: "i")
+        let below = try BootLoader.placeInitrd(
+            size: 4096, addressMax: 0x7fff_ffff, lowRAMEnd: 64 * mib, kernelStart: 32 * mib, kernelEnd: 64 * mib, name: "i")
         #expect(below == 32 * mib - 4096)
         // Too big.
         #expect(throws: BootError.self) {
-            try BootLoader.placeInitrd(size: 70 * mib, addressMax: 0x7fff_ffff, lowRAMEnd: 64 * mib, kernelStart: mib, kernelEnd: 2 * mib, name: "i")
+            try BootLoader.placeInitrd(
+                size: 70 * mib, addressMax: 0x7fff_ffff, lowRAMEnd: 64 * mib, kernelStart: mib, kernelEnd: 2 * mib, name: "i")
         }
         #expect(throws: BootError.self) {
-            try BootLoader.placeInitrd(size: 40 * mib, addressMax: 0x7fff_ffff, lowRAMEnd: 64 * mib, kernelStart: 20 * mib, kernelEnd: 30 * mib, name: "i")
+            try BootLoader.placeInitrd(
+                size: 40 * mib, addressMax: 0x7fff_ffff, lowRAMEnd: 64 * mib, kernelStart: 20 * mib, kernelEnd: 30 * mib, name: "i")
         }
     }
 
     @Test("zero page for an ELF kernel: magic, version, loader type, command line, initrd, e820")
     func zeroPage() throws {
-        let kernel = LoadedKernel(format: .elf, entry: 0x100000, start: 0x100000, end: 0x200000, setupHeader: nil,
-                                  commandLineMax: 2048, initrdAddressMax: ZeroPage.elfInitrdAddressMax)
+        let kernel = LoadedKernel(
+            format: .elf, entry: 0x100000, start: 0x100000, end: 0x200000, setupHeader: nil,
+            commandLineMax: 2048, initrdAddressMax: ZeroPage.elfInitrdAddressMax)
         let e820 = E820Entry.map(memorySize: 256 << 20)
-        let page = try ZeroPage(kernel: kernel, commandLineAddress: 0x20000, commandLineLength: 10,
-                                initrd: (0x0800_0000, 0x1234), e820: e820).bytes
+        let page = try ZeroPage(
+            kernel: kernel, commandLineAddress: 0x20000, commandLineLength: 10,
+            initrd: (0x0800_0000, 0x1234), e820: e820
+        ).bytes
         #expect(page.le(UInt16.self, at: 0x1fe) == 0xaa55)
         #expect(Array(page[0x202..<0x206]) == Array("HdrS".utf8))
         #expect(page.le(UInt16.self, at: 0x206) == 0x020f)

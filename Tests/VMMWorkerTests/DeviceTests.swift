@@ -1,5 +1,6 @@
 import Synchronization
 import Testing
+
 @testable import VMMWorker
 
 @Suite("8250 UART")

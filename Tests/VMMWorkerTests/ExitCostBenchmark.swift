@@ -3,11 +3,14 @@ import Glibc
 import Protocol
 import SystemPackage
 import Testing
+
 @testable import VMMWorker
 
 /// Port-I/O exit throughput of the vCPU loop, for comparison with a bare C KVM_RUN loop
 /// running the same instructions. Opt-in (FLOTILLA_BENCH=1): timing is not a unit test.
-@Suite("Exit cost", .enabled(if: kvmAvailable, "needs a usable /dev/kvm"), .enabled(if: getenv("FLOTILLA_BENCH") != nil, "set FLOTILLA_BENCH=1"))
+@Suite(
+    "Exit cost", .enabled(if: kvmAvailable, "needs a usable /dev/kvm"),
+    .enabled(if: getenv("FLOTILLA_BENCH") != nil, "set FLOTILLA_BENCH=1"))
 struct ExitCostBenchmark {
     @Test("port-I/O exits per second")
     func portExits() throws {
@@ -18,7 +21,8 @@ struct ExitCostBenchmark {
         code += [0xb0, 0xfe, 0xe6, 0x64, 0xf4]  // reset
         let path = try temporaryFile(makeELF(code: code))
         defer { unlink(path) }
-        let config = VMConfig(name: "bench", boot: BootSource(kernelImagePath: path), machine: MachineConfig(vcpuCount: 1, memoryBytes: 64 << 20))
+        let config = VMConfig(
+            name: "bench", boot: BootSource(kernelImagePath: path), machine: MachineConfig(vcpuCount: 1, memoryBytes: 64 << 20))
         let vm = try MicroVM(config: config, serialOutput: nil)
         var start = timespec()
         clock_gettime(CLOCK_MONOTONIC, &start)

@@ -2,6 +2,7 @@ import Glibc
 import Protocol
 import SystemPackage
 import Testing
+
 @testable import VMMWorker
 
 /// The repository root, found from this file's path (Tests/VMMWorkerTests/<file>).
@@ -17,18 +18,21 @@ let guestImagesBuilt = access(guestImage("flotilla-guest.vmlinux"), R_OK) == 0 &
 
 /// Boots the Flotilla test guest (Guest/, `make -C Guest`) as ELF vmlinux and as bzImage.
 /// Needs /dev/kvm and the built images; skipped otherwise.
-@Suite("Flotilla test guest", .serialized, .enabled(if: kvmAvailable, "needs a usable /dev/kvm"),
-       .enabled(if: guestImagesBuilt, "needs Guest/build/flotilla-guest.{vmlinux,bzImage}: run make -C Guest"))
+@Suite(
+    "Flotilla test guest", .serialized, .enabled(if: kvmAvailable, "needs a usable /dev/kvm"),
+    .enabled(if: guestImagesBuilt, "needs Guest/build/flotilla-guest.{vmlinux,bzImage}: run make -C Guest"))
 struct GuestBootTests {
     static let images = ["flotilla-guest.vmlinux", "flotilla-guest.bzImage"]
 
     @Test("boots and passes every check", arguments: images, [1, 2, 4])
     func boot(image: String, vcpus: Int) throws {
         let output = try OutputCollector()
-        let config = VMConfig(name: "guest", boot: BootSource(kernelImagePath: guestImage(image), bootArgs: "console=ttyS0 reboot=k"),
-                              machine: MachineConfig(vcpuCount: vcpus, memoryBytes: 256 << 20))
-        let vm = try MicroVM(config: config, serialOutput: FileDescriptor(rawValue: output.writeFD),
-                             virtioSlots: [VirtioMMIOSlot(slot: 0)])
+        let config = VMConfig(
+            name: "guest", boot: BootSource(kernelImagePath: guestImage(image), bootArgs: "console=ttyS0 reboot=k"),
+            machine: MachineConfig(vcpuCount: vcpus, memoryBytes: 256 << 20))
+        let vm = try MicroVM(
+            config: config, serialOutput: FileDescriptor(rawValue: output.writeFD),
+            virtioSlots: [VirtioMMIOSlot(slot: 0)])
         try vm.start()
         let reason = vm.waitForExit(timeoutNanoseconds: 120_000_000_000)
         if reason == nil { vm.requestShutdown() }
@@ -48,8 +52,9 @@ struct GuestBootTests {
         let path = try temporaryFile(bytes)
         defer { unlink(path) }
         let output = try OutputCollector()
-        let config = VMConfig(name: "guest", boot: BootSource(kernelImagePath: guestImage(image), bootArgs: "console=ttyS0", initrdPath: path),
-                              machine: MachineConfig(vcpuCount: 1, memoryBytes: 256 << 20))
+        let config = VMConfig(
+            name: "guest", boot: BootSource(kernelImagePath: guestImage(image), bootArgs: "console=ttyS0", initrdPath: path),
+            machine: MachineConfig(vcpuCount: 1, memoryBytes: 256 << 20))
         let vm = try MicroVM(config: config, serialOutput: FileDescriptor(rawValue: output.writeFD))
         try vm.start()
         let reason = vm.waitForExit(timeoutNanoseconds: 120_000_000_000)

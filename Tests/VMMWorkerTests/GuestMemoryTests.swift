@@ -1,4 +1,5 @@
 import Testing
+
 @testable import VMMWorker
 
 @Suite("GuestMemory")
@@ -7,10 +8,11 @@ struct GuestMemoryTests {
     func regions() {
         #expect(GuestMemory.regions(forSize: 256 << 20) == [GuestRegion(guestAddress: 0, size: 256 << 20, hostOffset: 0)])
         let six = GuestMemory.regions(forSize: 6 << 30)
-        #expect(six == [
-            GuestRegion(guestAddress: 0, size: 3 << 30, hostOffset: 0),
-            GuestRegion(guestAddress: 4 << 30, size: 3 << 30, hostOffset: 3 << 30),
-        ])
+        #expect(
+            six == [
+                GuestRegion(guestAddress: 0, size: 3 << 30, hostOffset: 0),
+                GuestRegion(guestAddress: 4 << 30, size: 3 << 30, hostOffset: 3 << 30),
+            ])
     }
 
     @Test("little-endian integers and bytes round-trip")

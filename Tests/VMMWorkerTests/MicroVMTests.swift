@@ -3,6 +3,7 @@ import Glibc
 import Protocol
 import SystemPackage
 import Testing
+
 @testable import VMMWorker
 
 /// Boots hand-assembled 64-bit guests (machine code bytes in an ELF built by the test).
@@ -12,8 +13,9 @@ struct MicroVMTests {
     func boot(_ code: [UInt8], vcpus: Int = 1, output: OutputCollector? = nil) throws -> MicroVM {
         let path = try temporaryFile(makeELF(code: code))
         defer { unlink(path) }
-        let config = VMConfig(name: "test", boot: BootSource(kernelImagePath: path, bootArgs: "console=ttyS0"),
-                              machine: MachineConfig(vcpuCount: vcpus, memoryBytes: 64 << 20))
+        let config = VMConfig(
+            name: "test", boot: BootSource(kernelImagePath: path, bootArgs: "console=ttyS0"),
+            machine: MachineConfig(vcpuCount: vcpus, memoryBytes: 64 << 20))
         let vm = try MicroVM(config: config, serialOutput: output.map { FileDescriptor(rawValue: $0.writeFD) })
         try vm.start()
         return vm

@@ -15,7 +15,8 @@ public protocol ImageSource {
 
 extension ImageSource {
     func truncated(_ what: String, offset: UInt64, count: UInt64) -> BootError {
-        BootError(.truncated, "\(name): \(what) at offset \(offset) needs \(count) bytes, but the file is only \(size) bytes long (truncated?)")
+        BootError(
+            .truncated, "\(name): \(what) at offset \(offset) needs \(count) bytes, but the file is only \(size) bytes long (truncated?)")
     }
 
     /// Checks `[offset, offset + count)` lies in the image, overflow-safe.

@@ -12,8 +12,9 @@ public struct VirtioMMIOSlot: Sendable, Equatable {
 
     /// Slot `index` of the layout (docs/guest-abi.md "Virtio-mmio slots").
     public init(slot index: Int) {
-        self.init(base: Layout.virtioMMIOBase + UInt64(index) * Layout.virtioMMIOSlotSize,
-                  size: Layout.virtioMMIOSlotSize, irq: Layout.virtioFirstIRQ + UInt32(index))
+        self.init(
+            base: Layout.virtioMMIOBase + UInt64(index) * Layout.virtioMMIOSlotSize,
+            size: Layout.virtioMMIOSlotSize, irq: Layout.virtioFirstIRQ + UInt32(index))
     }
 
     /// Linux's `virtio_mmio.device=<size>@<baseaddr>:<irq>` (drivers/virtio/virtio_mmio.c);
@@ -42,7 +43,9 @@ public enum KernelCommandLine {
             throw BootError(.commandLineTooLong, "the kernel command line contains a NUL byte")
         }
         guard bytes.count <= Int(limit) else {
-            throw BootError(.commandLineTooLong, "the kernel command line is \(bytes.count) bytes; \(kernelName) accepts at most \(limit) (cmdline_size)")
+            throw BootError(
+                .commandLineTooLong,
+                "the kernel command line is \(bytes.count) bytes; \(kernelName) accepts at most \(limit) (cmdline_size)")
         }
         bytes.append(0)
         return bytes

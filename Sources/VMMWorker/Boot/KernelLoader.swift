@@ -32,7 +32,10 @@ public enum KernelLoader {
             return try BzImageLoader.load(image, into: memory)
         }
         let found = head.prefix(4).map { hex($0) }.joined(separator: " ")
-        throw BootError(.badMagic, "\(image.name) is neither an ELF vmlinux (magic 7f 45 4c 46 at offset 0) nor a bzImage ('HdrS' at offset 0x202); found \(found.isEmpty ? "an empty file" : found) at offset 0")
+        throw BootError(
+            .badMagic,
+            "\(image.name) is neither an ELF vmlinux (magic 7f 45 4c 46 at offset 0) nor a bzImage ('HdrS' at offset 0x202); found \(found.isEmpty ? "an empty file" : found) at offset 0"
+        )
     }
 
     /// Checks that `[address, address + length)` is low RAM at or above 1 MiB (the kernel must
@@ -40,10 +43,16 @@ public enum KernelLoader {
     static func checkPlacement(_ image: some ImageSource, what: String, address: UInt64, length: UInt64, memory: GuestMemory) throws {
         let ramEnd = memory.lowRAMEnd
         guard address >= Layout.highMemoryStart else {
-            throw BootError(.invalidHeader, "\(image.name): \(what) at \(hex(address)) is below 1 MiB, where the boot structures live; kernels must load at or above 0x100000")
+            throw BootError(
+                .invalidHeader,
+                "\(image.name): \(what) at \(hex(address)) is below 1 MiB, where the boot structures live; kernels must load at or above 0x100000"
+            )
         }
         guard address <= ramEnd, length <= ramEnd - address else {
-            throw BootError(.tooLarge, "\(image.name): \(what) needs \(length) bytes at \(hex(address)), but guest low RAM ends at \(hex(ramEnd)) (\(memory.size >> 20) MiB guest); give the VM more memory or use a smaller kernel")
+            throw BootError(
+                .tooLarge,
+                "\(image.name): \(what) needs \(length) bytes at \(hex(address)), but guest low RAM ends at \(hex(ramEnd)) (\(memory.size >> 20) MiB guest); give the VM more memory or use a smaller kernel"
+            )
         }
     }
 }
@@ -55,7 +64,7 @@ public enum ELFLoader {
     static let programHeaderSize = 56
     static let maxProgramHeaders = 256
     static let ptLoad: UInt32 = 1
-    static let emX86_64: UInt16 = 62
+    static let machineAMD64: UInt16 = 62
     static let etExec: UInt16 = 2
 
     struct Segment {
@@ -86,7 +95,7 @@ public enum ELFLoader {
             throw BootError(.unsupported, "\(name): ELF type \(type) found; an executable (ET_EXEC, 2) vmlinux is needed")
         }
         let machine = header.le(UInt16.self, at: 18)
-        guard machine == emX86_64 else {
+        guard machine == machineAMD64 else {
             throw BootError(.unsupported, "\(name): ELF machine \(machine) found; x86_64 (62) is needed")
         }
         let entry = header.le(UInt64.self, at: 24)
@@ -100,39 +109,47 @@ public enum ELFLoader {
             throw BootError(.invalidHeader, "\(name): e_phnum is \(phnum); 1 to \(maxProgramHeaders) program headers are supported")
         }
         let tableSize = UInt64(phnum) * UInt64(programHeaderSize)
-        let table = try image.read(offset: phoff, count: Int(tableSize), what: "ELF program header table (e_phoff \(phoff), \(phnum) entries)")
+        let table = try image.read(
+            offset: phoff, count: Int(tableSize), what: "ELF program header table (e_phoff \(phoff), \(phnum) entries)")
 
         var segments: [Segment] = []
         for i in 0..<Int(phnum) {
             let base = i * programHeaderSize
             guard table.le(UInt32.self, at: base) == ptLoad else { continue }
-            let segment = Segment(offset: table.le(UInt64.self, at: base + 8), paddr: table.le(UInt64.self, at: base + 24),
-                                  fileSize: table.le(UInt64.self, at: base + 32), memorySize: table.le(UInt64.self, at: base + 40))
+            let segment = Segment(
+                offset: table.le(UInt64.self, at: base + 8), paddr: table.le(UInt64.self, at: base + 24),
+                fileSize: table.le(UInt64.self, at: base + 32), memorySize: table.le(UInt64.self, at: base + 40))
             guard segment.fileSize <= segment.memorySize else {
-                throw BootError(.invalidHeader, "\(name): PT_LOAD segment \(i) has p_filesz \(segment.fileSize) > p_memsz \(segment.memorySize)")
+                throw BootError(
+                    .invalidHeader, "\(name): PT_LOAD segment \(i) has p_filesz \(segment.fileSize) > p_memsz \(segment.memorySize)")
             }
             try image.checkRange(segment.offset, segment.fileSize, what: "PT_LOAD segment \(i)")
-            try KernelLoader.checkPlacement(image, what: "PT_LOAD segment \(i)", address: segment.paddr, length: segment.memorySize, memory: memory)
+            try KernelLoader.checkPlacement(
+                image, what: "PT_LOAD segment \(i)", address: segment.paddr, length: segment.memorySize, memory: memory)
             segments.append(segment)
         }
         guard !segments.isEmpty else {
             throw BootError(.invalidHeader, "\(name): the ELF file has no PT_LOAD segment")
         }
         guard segments.contains(where: { entry >= $0.paddr && entry - $0.paddr < $0.memorySize }) else {
-            throw BootError(.invalidHeader, "\(name): entry point e_entry \(hex(entry)) lies in no PT_LOAD segment (it must be a physical address)")
+            throw BootError(
+                .invalidHeader, "\(name): entry point e_entry \(hex(entry)) lies in no PT_LOAD segment (it must be a physical address)")
         }
         for (i, segment) in segments.enumerated() {
             try memory.withSlice(at: segment.paddr, length: segment.memorySize) { slice in
                 let fileLength = Int(segment.fileSize)
-                try image.copy(offset: segment.offset, into: UnsafeMutableRawBufferPointer(rebasing: slice[0..<fileLength]), what: "PT_LOAD segment \(i)")
+                try image.copy(
+                    offset: segment.offset, into: UnsafeMutableRawBufferPointer(rebasing: slice[0..<fileLength]),
+                    what: "PT_LOAD segment \(i)")
                 // The bss part (p_memsz beyond p_filesz) is zero.
                 UnsafeMutableRawBufferPointer(rebasing: slice[fileLength...]).initializeMemory(as: UInt8.self, repeating: 0)
             }
         }
         let start = segments.map(\.paddr).min() ?? Layout.highMemoryStart
         let end = segments.map { $0.paddr + $0.memorySize }.max() ?? start
-        return LoadedKernel(format: .elf, entry: entry, start: start, end: end, setupHeader: nil,
-                            commandLineMax: Layout.elfCommandLineMax, initrdAddressMax: ZeroPage.elfInitrdAddressMax)
+        return LoadedKernel(
+            format: .elf, entry: entry, start: start, end: end, setupHeader: nil,
+            commandLineMax: Layout.elfCommandLineMax, initrdAddressMax: ZeroPage.elfInitrdAddressMax)
     }
 }
 
@@ -168,19 +185,27 @@ public enum BzImageLoader {
         }
         let version = head.le(UInt16.self, at: 0x206)
         guard version >= minimumVersion else {
-            throw BootError(.unsupported, "\(name): boot protocol \(version >> 8).\(String(format2: version & 0xff)) found; 2.12 or later is needed for the 64-bit entry (XLF_KERNEL_64)")
+            throw BootError(
+                .unsupported,
+                "\(name): boot protocol \(version >> 8).\(String(format2: version & 0xff)) found; 2.12 or later is needed for the 64-bit entry (XLF_KERNEL_64)"
+            )
         }
         let loadflags = head[0x211]
         guard loadflags & loadedHigh != 0 else {
-            throw BootError(.unsupported, "\(name): loadflags \(hex(loadflags)) lacks LOADED_HIGH; a zImage (loaded at 0x10000) is not supported")
+            throw BootError(
+                .unsupported, "\(name): loadflags \(hex(loadflags)) lacks LOADED_HIGH; a zImage (loaded at 0x10000) is not supported")
         }
         let xloadflags = head.le(UInt16.self, at: 0x236)
         guard xloadflags & xlfKernel64 != 0 else {
-            throw BootError(.unsupported, "\(name): xloadflags \(hex(xloadflags)) lacks XLF_KERNEL_64; only x86_64 kernels with a 64-bit entry are supported")
+            throw BootError(
+                .unsupported,
+                "\(name): xloadflags \(hex(xloadflags)) lacks XLF_KERNEL_64; only x86_64 kernels with a 64-bit entry are supported")
         }
         let headerEnd = 0x202 + Int(head[0x201])
         guard headerEnd >= requiredHeaderEnd, headerEnd <= setupHeaderLimit else {
-            throw BootError(.invalidHeader, "\(name): the setup header ends at \(hex(headerEnd)) (0x202 + byte 0x201); it must end between 0x264 and 0x290")
+            throw BootError(
+                .invalidHeader,
+                "\(name): the setup header ends at \(hex(headerEnd)) (0x202 + byte 0x201); it must end between 0x264 and 0x290")
         }
         let alignment = head.le(UInt32.self, at: 0x230)
         guard alignment != 0, alignment & (alignment - 1) == 0 else {
@@ -190,7 +215,10 @@ public enum BzImageLoader {
         if setupSectors == 0 { setupSectors = 4 }  // boot.rst: "If this field is 0, the real value is 4."
         let payloadOffset = (setupSectors + 1) * 512
         guard payloadOffset < image.size else {
-            throw BootError(.truncated, "\(name): setup_sects says the protected-mode kernel starts at offset \(payloadOffset), but the file is only \(image.size) bytes long (truncated?)")
+            throw BootError(
+                .truncated,
+                "\(name): setup_sects says the protected-mode kernel starts at offset \(payloadOffset), but the file is only \(image.size) bytes long (truncated?)"
+            )
         }
         let payloadSize = image.size - payloadOffset
         let relocatable = head[0x234] != 0
@@ -206,7 +234,9 @@ public enum BzImageLoader {
             loadAddress = (preferred + mask) & ~mask
         }
         let needed = max(initSize, payloadSize)
-        try KernelLoader.checkPlacement(image, what: "the kernel (init_size \(initSize), \(payloadSize) bytes of payload)", address: loadAddress, length: needed, memory: memory)
+        try KernelLoader.checkPlacement(
+            image, what: "the kernel (init_size \(initSize), \(payloadSize) bytes of payload)", address: loadAddress, length: needed,
+            memory: memory)
 
         try memory.withSlice(at: loadAddress, length: payloadSize) { slice in
             try image.copy(offset: payloadOffset, into: slice, what: "protected-mode kernel")
@@ -214,9 +244,10 @@ public enum BzImageLoader {
         let commandLineMax = head.le(UInt32.self, at: 0x238)
         let initrdMax = UInt64(head.le(UInt32.self, at: 0x22c))
         let setupHeader = try image.read(offset: UInt64(setupHeaderStart), count: headerEnd - setupHeaderStart, what: "setup header")
-        return LoadedKernel(format: .bzImage, entry: loadAddress + entryOffset, start: loadAddress, end: loadAddress + needed,
-                            setupHeader: setupHeader, commandLineMax: commandLineMax == 0 ? 255 : commandLineMax,
-                            initrdAddressMax: initrdMax)
+        return LoadedKernel(
+            format: .bzImage, entry: loadAddress + entryOffset, start: loadAddress, end: loadAddress + needed,
+            setupHeader: setupHeader, commandLineMax: commandLineMax == 0 ? 255 : commandLineMax,
+            initrdAddressMax: initrdMax)
     }
 }
 

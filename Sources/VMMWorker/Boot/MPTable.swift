@@ -37,7 +37,9 @@ public struct MPTable: Sendable {
 
     public init(vcpus: Int) throws {
         guard vcpus >= 1, vcpus <= MPTable.maxVCPUs else {
-            throw BootError(.placement, "\(vcpus) vCPUs: the MP table describes 1 to \(MPTable.maxVCPUs) processors (APIC ids 0–253, IOAPIC id = vCPU count)")
+            throw BootError(
+                .placement,
+                "\(vcpus) vCPUs: the MP table describes 1 to \(MPTable.maxVCPUs) processors (APIC ids 0–253, IOAPIC id = vCPU count)")
         }
         let size = MPTable.configSize(vcpus: vcpus)
         floatingPointerAddress = Layout.ebdaStart

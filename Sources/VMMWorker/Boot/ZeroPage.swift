@@ -29,8 +29,10 @@ public struct ZeroPage {
 
     /// Builds the zero page for `kernel`, with the command line at `commandLineAddress`
     /// (`commandLineLength` bytes without the NUL), the initrd (if any) and the e820 map.
-    public init(kernel: LoadedKernel, commandLineAddress: UInt64, commandLineLength: Int,
-                initrd: (address: UInt64, size: UInt64)?, e820: [E820Entry]) throws {
+    public init(
+        kernel: LoadedKernel, commandLineAddress: UInt64, commandLineLength: Int,
+        initrd: (address: UInt64, size: UInt64)?, e820: [E820Entry]
+    ) throws {
         if let header = kernel.setupHeader {
             // bzImage: the loader copies the kernel's setup header and then fills its fields.
             bytes.replaceSubrange(ZeroPage.setupHeaderOffset..<ZeroPage.setupHeaderOffset + header.count, with: header)
@@ -53,7 +55,8 @@ public struct ZeroPage {
         }
         if let initrd {
             guard initrd.address <= UInt32.max, initrd.size <= UInt32.max else {
-                throw BootError(.placement, "initrd at \(hex(initrd.address)) (\(initrd.size) bytes) does not fit the 32-bit ramdisk fields")
+                throw BootError(
+                    .placement, "initrd at \(hex(initrd.address)) (\(initrd.size) bytes) does not fit the 32-bit ramdisk fields")
             }
             bytes.putLE(UInt32(initrd.address), at: ZeroPage.ramdiskImageOffset)
             bytes.putLE(UInt32(initrd.size), at: ZeroPage.ramdiskSizeOffset)

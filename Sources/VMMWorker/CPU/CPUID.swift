@@ -13,7 +13,8 @@ public struct CPUIDEntry: Sendable, Equatable {
     /// KVM_CPUID_FLAG_SIGNIFCANT_INDEX: the subleaf (ECX input) selects this entry.
     public static let significantIndex: UInt32 = 1
 
-    public init(function: UInt32, index: UInt32 = 0, flags: UInt32 = 0, eax: UInt32 = 0, ebx: UInt32 = 0, ecx: UInt32 = 0, edx: UInt32 = 0) {
+    public init(function: UInt32, index: UInt32 = 0, flags: UInt32 = 0, eax: UInt32 = 0, ebx: UInt32 = 0, ecx: UInt32 = 0, edx: UInt32 = 0)
+    {
         self.function = function
         self.index = index
         self.flags = flags
@@ -57,7 +58,8 @@ public enum CPUIDTemplate {
     static let edxHTT: UInt32 = 1 << 28
     // Leaf 7.0 EBX: AVX2 (5) and the AVX-512 family (16, 17, 21, 26, 27, 28, 30, 31), all of
     // which need XSAVE-managed state.
-    static let leaf7EBXNeedsXSAVE: UInt32 = (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27)
+    static let leaf7EBXNeedsXSAVE: UInt32 =
+        (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27)
         | (1 << 28) | (1 << 30) | (1 << 31)
     // Leaf 7.0 ECX: AVX512_VBMI (1), AVX512_VBMI2 (6), VAES (9), VPCLMULQDQ (10),
     // AVX512_VNNI (11), AVX512_BITALG (12), AVX512_VPOPCNTDQ (14).
@@ -128,8 +130,10 @@ public enum CPUIDTemplate {
             // EDX = this processor's x2APIC id.
             let flags = CPUIDEntry.significantIndex
             result.append(CPUIDEntry(function: 0xb, index: 0, flags: flags, eax: 0, ebx: 1, ecx: (1 << 8) | 0, edx: apicID))
-            result.append(CPUIDEntry(function: 0xb, index: 1, flags: flags, eax: idBits(count), ebx: total & 0xffff,
-                                     ecx: (2 << 8) | 1, edx: apicID))
+            result.append(
+                CPUIDEntry(
+                    function: 0xb, index: 1, flags: flags, eax: idBits(count), ebx: total & 0xffff,
+                    ecx: (2 << 8) | 1, edx: apicID))
             result.append(CPUIDEntry(function: 0xb, index: 2, flags: flags, eax: 0, ebx: 0, ecx: 2, edx: apicID))
         }
         return result

@@ -94,13 +94,15 @@ enum NativeThread {
         defer { pthread_attr_destroy(&attributes) }
         pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
         var thread = pthread_t()
-        let result = pthread_create(&thread, &attributes, { raw in
-            guard let raw else { return nil }
-            let context = Unmanaged<Context>.fromOpaque(raw).takeRetainedValue()
-            _ = fl_set_current_thread_name(context.name)
-            context.body()
-            return nil
-        }, context.toOpaque())
+        let result = pthread_create(
+            &thread, &attributes,
+            { raw in
+                guard let raw else { return nil }
+                let context = Unmanaged<Context>.fromOpaque(raw).takeRetainedValue()
+                _ = fl_set_current_thread_name(context.name)
+                context.body()
+                return nil
+            }, context.toOpaque())
         if result != 0 {
             context.release()
             throw CPUError(.thread, "cannot start thread \(name)", cause: SyscallError("pthread_create", .init(rawValue: result)))

@@ -53,8 +53,9 @@ struct VCPURunner {
             case UInt32(KVM_EXIT_MMIO):
                 let length = Int(min(fl_run_mmio_len(run), 8))
                 guard let data = fl_run_mmio_data(run) else { continue }
-                mmio.access(address: fl_run_mmio_phys_addr(run), length: length, isWrite: fl_run_mmio_is_write(run) != 0,
-                            data: UnsafeMutableRawPointer(data))
+                mmio.access(
+                    address: fl_run_mmio_phys_addr(run), length: length, isWrite: fl_run_mmio_is_write(run) != 0,
+                    data: UnsafeMutableRawPointer(data))
             case UInt32(KVM_EXIT_INTR):
                 continue
             case UInt32(KVM_EXIT_HLT):
@@ -74,13 +75,14 @@ struct VCPURunner {
                 let suberror = fl_run_internal_suberror(run)
                 let ndata = min(fl_run_internal_ndata(run), 16)
                 let data = (0..<ndata).map { hex(fl_run_internal_data(run, $0)) }.joined(separator: " ")
-                let kind = switch Int32(suberror) {
-                case KVM_INTERNAL_ERROR_EMULATION: "emulation failure (an instruction KVM cannot emulate)"
-                case KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions"
-                case KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failure"
-                case KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason"
-                default: "unknown"
-                }
+                let kind =
+                    switch Int32(suberror) {
+                    case KVM_INTERNAL_ERROR_EMULATION: "emulation failure (an instruction KVM cannot emulate)"
+                    case KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions"
+                    case KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failure"
+                    case KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason"
+                    default: "unknown"
+                    }
                 return .failed(describe("KVM internal error (KVM_EXIT_INTERNAL_ERROR), suberror \(suberror): \(kind); data [\(data)]"))
             case UInt32(KVM_EXIT_FAIL_ENTRY):
                 return .failed(describe("VM entry failed (KVM_EXIT_FAIL_ENTRY), hardware reason \(hex(fl_run_fail_entry_reason(run)))"))

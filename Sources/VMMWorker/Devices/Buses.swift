@@ -116,15 +116,18 @@ public struct MMIOBus: Sendable {
                     transport.write(offset: offset, length: length, value: value)
                 } else {
                     let value = transport.read(offset: offset, length: length)
-                    for i in 0..<length { data.storeBytes(of: UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))), toByteOffset: i, as: UInt8.self) }
+                    for i in 0..<length {
+                        data.storeBytes(of: UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))), toByteOffset: i, as: UInt8.self)
+                    }
                 }
             case .emptySlot:
                 guard !isWrite, length == 4 else { return }
-                let register = switch address - entry.base {
-                case 0x000: MMIODevice.virtioMagic
-                case 0x004: MMIODevice.virtioVersion
-                default: UInt32(0)
-                }
+                let register =
+                    switch address - entry.base {
+                    case 0x000: MMIODevice.virtioMagic
+                    case 0x004: MMIODevice.virtioVersion
+                    default: UInt32(0)
+                    }
                 data.storeBytes(of: register.littleEndian, as: UInt32.self)
             }
             return

@@ -96,7 +96,8 @@ public final class KVMSystem: Sendable {
                 capacity *= 2
                 continue
             }
-            throw KVMError(.ioctl, "cannot read the host's supported CPUID", cause: SyscallError("KVM_GET_SUPPORTED_CPUID", Errno(rawValue: code)))
+            throw KVMError(
+                .ioctl, "cannot read the host's supported CPUID", cause: SyscallError("KVM_GET_SUPPORTED_CPUID", Errno(rawValue: code)))
         }
     }
 

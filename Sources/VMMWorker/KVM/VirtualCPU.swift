@@ -91,8 +91,9 @@ public final class VirtualCPU: @unchecked Sendable {
         let raw = entries.map(\.raw)
         let rc = raw.withUnsafeBufferPointer { fl_kvm_set_cpuid2(fd, $0.baseAddress, UInt32($0.count)) }
         if rc < 0 {
-            throw KVMError(.ioctl, "vCPU \(index): KVM_SET_CPUID2 with \(entries.count) entries failed",
-                           cause: SyscallError("KVM_SET_CPUID2", Errno(rawValue: Glibc.errno)))
+            throw KVMError(
+                .ioctl, "vCPU \(index): KVM_SET_CPUID2 with \(entries.count) entries failed",
+                cause: SyscallError("KVM_SET_CPUID2", Errno(rawValue: Glibc.errno)))
         }
     }
 
@@ -108,8 +109,9 @@ public final class VirtualCPU: @unchecked Sendable {
         }
         let rc = raw.withUnsafeBufferPointer { fl_kvm_set_msrs(fd, $0.baseAddress, UInt32($0.count)) }
         if rc < 0 {
-            throw KVMError(.ioctl, "vCPU \(index): KVM_SET_MSRS failed",
-                           cause: SyscallError("KVM_SET_MSRS", Errno(rawValue: Glibc.errno)))
+            throw KVMError(
+                .ioctl, "vCPU \(index): KVM_SET_MSRS failed",
+                cause: SyscallError("KVM_SET_MSRS", Errno(rawValue: Glibc.errno)))
         }
         // The ioctl returns how many MSRs it set, stopping at the first it rejects.
         if Int(rc) < msrs.count {
@@ -126,8 +128,9 @@ public final class VirtualCPU: @unchecked Sendable {
         }
         let rc = raw.withUnsafeMutableBufferPointer { fl_kvm_get_msrs(fd, $0.baseAddress, UInt32($0.count)) }
         if rc < 0 {
-            throw KVMError(.ioctl, "vCPU \(index): KVM_GET_MSRS failed",
-                           cause: SyscallError("KVM_GET_MSRS", Errno(rawValue: Glibc.errno)))
+            throw KVMError(
+                .ioctl, "vCPU \(index): KVM_GET_MSRS failed",
+                cause: SyscallError("KVM_GET_MSRS", Errno(rawValue: Glibc.errno)))
         }
         return raw.prefix(Int(rc)).map(\.data)
     }

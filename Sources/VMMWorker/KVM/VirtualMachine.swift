@@ -76,8 +76,9 @@ public final class VirtualMachine: Sendable {
     /// Maps all of `memory`'s regions into the guest, slot i for region i.
     public func register(_ memory: GuestMemory) throws {
         for (index, region) in memory.regions.enumerated() {
-            try setUserMemoryRegion(slot: UInt32(index), guestAddress: region.guestAddress, size: region.size,
-                                    hostAddress: memory.hostAddress(of: region))
+            try setUserMemoryRegion(
+                slot: UInt32(index), guestAddress: region.guestAddress, size: region.size,
+                hostAddress: memory.hostAddress(of: region))
         }
     }
 
@@ -111,11 +112,14 @@ public final class VirtualMachine: Sendable {
         try ioEventFD(eventFD, space: space, address: address, length: length, datamatch: datamatch, deassign: false)
     }
 
-    public func unregisterIOEventFD(_ eventFD: Int32, space: IOEventSpace, address: UInt64, length: UInt32, datamatch: UInt64? = nil) throws {
+    public func unregisterIOEventFD(_ eventFD: Int32, space: IOEventSpace, address: UInt64, length: UInt32, datamatch: UInt64? = nil) throws
+    {
         try ioEventFD(eventFD, space: space, address: address, length: length, datamatch: datamatch, deassign: true)
     }
 
-    private func ioEventFD(_ eventFD: Int32, space: IOEventSpace, address: UInt64, length: UInt32, datamatch: UInt64?, deassign: Bool) throws {
+    private func ioEventFD(_ eventFD: Int32, space: IOEventSpace, address: UInt64, length: UInt32, datamatch: UInt64?, deassign: Bool)
+        throws
+    {
         var request = kvm_ioeventfd()
         request.addr = address
         request.len = length

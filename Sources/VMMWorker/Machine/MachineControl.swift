@@ -80,7 +80,8 @@ final class MachineControl: Sendable {
     init() throws {
         let fd = fl_eventfd(0, 1)
         guard fd >= 0 else {
-            throw MachineError(.startFailed, "cannot create the VM exit eventfd", cause: SyscallError("eventfd", .init(rawValue: Glibc.errno)))
+            throw MachineError(
+                .startFailed, "cannot create the VM exit eventfd", cause: SyscallError("eventfd", .init(rawValue: Glibc.errno)))
         }
         exitEventFD = fd
     }

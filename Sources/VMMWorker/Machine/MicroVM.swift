@@ -31,15 +31,19 @@ public final class MicroVM: Sendable {
     /// `virtioSlots` are announced on the kernel command line; `virtioDevices` fill some of
     /// them (the others read as empty slots). Disk images are opened (and locked) here, so a
     /// bad image is a start-up error.
-    public init(config: VMConfig, serialOutput: FileDescriptor?, virtioSlots: [VirtioMMIOSlot] = [],
-                virtioDevices: [VirtioDeviceSpec] = []) throws {
+    public init(
+        config: VMConfig, serialOutput: FileDescriptor?, virtioSlots: [VirtioMMIOSlot] = [],
+        virtioDevices: [VirtioDeviceSpec] = []
+    ) throws {
         let machine = config.machine
         name = config.name ?? "flotilla"
         guard (1...MPTable.maxVCPUs).contains(machine.vcpuCount) else {
-            throw MachineError(.invalidConfig, "machine-config vcpu_count \(machine.vcpuCount) is out of range: 1 to \(MPTable.maxVCPUs) are allowed")
+            throw MachineError(
+                .invalidConfig, "machine-config vcpu_count \(machine.vcpuCount) is out of range: 1 to \(MPTable.maxVCPUs) are allowed")
         }
         guard virtioSlots.count <= Layout.virtioMaxSlots else {
-            throw MachineError(.invalidConfig, "\(virtioSlots.count) virtio-mmio devices requested; at most \(Layout.virtioMaxSlots) fit the legacy IRQs")
+            throw MachineError(
+                .invalidConfig, "\(virtioSlots.count) virtio-mmio devices requested; at most \(Layout.virtioMaxSlots) fit the legacy IRQs")
         }
         vcpuCount = machine.vcpuCount
         control = try MachineControl()
@@ -56,14 +60,16 @@ public final class MicroVM: Sendable {
         try vm.createIRQChip()
         try vm.createPIT2()
 
-        memory = try GuestMemory(size: machine.memoryBytes,
-                                 options: GuestMemoryOptions(memPath: machine.memPath, shared: machine.memShare, dumpable: machine.dumpGuestCore))
+        memory = try GuestMemory(
+            size: machine.memoryBytes,
+            options: GuestMemoryOptions(memPath: machine.memPath, shared: machine.memShare, dumpable: machine.dumpGuestCore))
         try vm.register(memory)
 
         let kernel = try FileImage(path: config.boot.kernelImagePath)
         let initrd = try config.boot.initrdPath.map { try FileImage(path: $0) }
-        bootInfo = try BootLoader.load(kernel: kernel, initrd: initrd, arguments: config.boot.bootArgs, slots: virtioSlots,
-                                       vcpus: vcpuCount, memory: memory)
+        bootInfo = try BootLoader.load(
+            kernel: kernel, initrd: initrd, arguments: config.boot.bootArgs, slots: virtioSlots,
+            vcpus: vcpuCount, memory: memory)
 
         serial = Serial8250(output: serialOutput?.rawValue, interrupt: InterruptLine(irq: Layout.serialIRQ, vm: vm))
         let control = self.control

@@ -65,8 +65,9 @@ public final class GuestMemory: @unchecked Sendable {
         if let dir = options.memPath {
             let opened = fl_open_unlinked_file(dir)
             guard opened >= 0 else {
-                throw MemoryError(.backingFile, "cannot create a memory backing file in mem-path '\(dir)'",
-                                  cause: SyscallError("open(O_TMPFILE)", Errno(rawValue: Glibc.errno)))
+                throw MemoryError(
+                    .backingFile, "cannot create a memory backing file in mem-path '\(dir)'",
+                    cause: SyscallError("open(O_TMPFILE)", Errno(rawValue: Glibc.errno)))
             }
             do {
                 _ = try Syscall.retrying("ftruncate") { Glibc.ftruncate(opened, off_t(length)) }

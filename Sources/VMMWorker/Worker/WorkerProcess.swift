@@ -136,7 +136,6 @@ private final class Worker: Sendable {
         }
         defer { pidfile?.remove() }
 
-
         var server: QMPServer?
         let events = QMPEventSink()
         if let path = runtime.apiChannelPath {
