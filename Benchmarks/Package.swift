@@ -25,5 +25,14 @@ let package = Package(
             ],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
+        // flotillad's costs: VMs to QMP-ready per second, QMP through the multiplexer vs direct, RSS per VM (issue 5).
+        .executableTarget(
+            name: "fleet-bench",
+            dependencies: [
+                .product(name: "Supervisor", package: "Flotilla"),
+                .product(name: "Protocol", package: "Flotilla"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
     ]
 )

@@ -23,6 +23,8 @@ public final class Reactor {
     private var timers: [UInt64: (deadline: Double, action: () -> Void)] = [:]
     private var nextID: UInt64 = 1
     private var stopped = false
+    /// One read buffer for every connection: handlers run one at a time on this thread.
+    var readBuffer = [UInt8](repeating: 0, count: 65536)
 
     public init() throws(SystemCallError) {
         epollFD = try Sys.once("epoll_create1") { epoll_create1(Int32(EPOLL_CLOEXEC)) }

@@ -152,11 +152,12 @@ final class JSONConnection {
     }
 
     private func readAvailable() {
-        var chunk = [UInt8](repeating: 0, count: 65536)
         while !isClosed {
-            let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            let count = reactor.readBuffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if count > 0 {
-                for piece in splitter.append(chunk[0..<count]) {
+                // Copied out before any handler runs, since a handler may read another connection.
+                let bytes = Array(reactor.readBuffer[0..<count])
+                for piece in splitter.append(bytes) {
                     if isClosed { return }
                     onPiece(piece)
                 }

@@ -1,0 +1,140 @@
+// fleet-bench: flotillad's own costs, side by side in one run (issue 5):
+//  1. VMs created through flotillad's control API until QMP-ready, per second (N at once);
+//  2. QMP query-status round trip through flotillad's multiplexer vs directly to the worker;
+//  3. flotillad's resident memory per managed VM.
+// Usage: fleet-bench --bin DIR --guest VMLINUX [--vms 20] [--round-trips 2000]
+import Foundation
+import Glibc
+import Protocol
+import Supervisor
+import Synchronization
+
+func argument(_ name: String, _ fallback: String? = nil) -> String {
+    let arguments = CommandLine.arguments
+    if let index = arguments.firstIndex(of: name), index + 1 < arguments.count { return arguments[index + 1] }
+    guard let fallback else {
+        FileHandle.standardError.write(Data("fleet-bench: \(name) is required\n".utf8))
+        exit(2)
+    }
+    return fallback
+}
+
+let bin = argument("--bin")
+let guest = argument("--guest")
+let vmCount = Int(argument("--vms", "20")) ?? 20
+let roundTrips = Int(argument("--round-trips", "2000")) ?? 2000
+
+func now() -> Double {
+    var time = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &time)
+    return Double(time.tv_sec) + Double(time.tv_nsec) / 1e9
+}
+
+func rssKiB(_ pid: pid_t) -> Int {
+    let text = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+    let line = text.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+    return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+}
+
+/// A blocking QMP connection: send one command, read lines until its reply.
+final class RawQMP {
+    let fd: Int32
+    var buffer: [UInt8] = []
+    init(_ path: String) throws {
+        fd = try UnixSocket.connect(path: path, blocking: true)
+        _ = try line()
+        _ = try roundTrip("{\"execute\":\"qmp_capabilities\"}\n")
+    }
+    deinit { close(fd) }
+    func line() throws -> [UInt8] {
+        while true {
+            if let end = buffer.firstIndex(of: 10) {
+                let result = Array(buffer[..<end])
+                buffer.removeSubrange(...end)
+                return result
+            }
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let count = recv(fd, &chunk, chunk.count, 0)
+            guard count > 0 else { throw CocoaError(.fileReadUnknown) }
+            buffer += chunk[0..<count]
+        }
+    }
+    func roundTrip(_ text: String) throws -> [UInt8] {
+        let bytes = Array(text.utf8)
+        _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+        while true {
+            let reply = try line()
+            if !String(decoding: reply, as: UTF8.self).hasPrefix("{\"event\"") { return reply }
+        }
+    }
+}
+
+let directory = "/tmp/fleet-bench.\(getpid())"
+try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+let daemon = Process()
+daemon.executableURL = URL(fileURLWithPath: bin + "/flotillad")
+daemon.arguments = [
+    "--runtime-dir", directory + "/run", "--state-dir", directory + "/state", "--log-target", "stderr",
+    "--vmm", bin + "/flotilla-vmm", "--stop-vms-on-exit",
+]
+daemon.standardError = FileHandle.nullDevice
+try daemon.run()
+defer {
+    daemon.terminate()
+    daemon.waitUntilExit()
+    try? FileManager.default.removeItem(atPath: directory)
+}
+var client: ControlClient?
+for _ in 0..<500 where client == nil {
+    client = try? ControlClient(socketPath: directory + "/run/control.sock")
+    if client == nil { usleep(10_000) }
+}
+guard client != nil else { fatalError("flotillad did not come up") }
+usleep(200_000)
+let idleRSS = rssKiB(daemon.processIdentifier)
+
+let config: JSONValue = [
+    "boot-source": ["kernel_image_path": .string(guest), "boot_args": "console=ttyS0 flotilla.hold=1"],
+    "machine-config": ["vcpu_count": 1, "mem_size": .integer(256 << 20)],
+]
+
+// 1. N VMs at once, each on its own control connection; vm-create with start replies once QMP is ready.
+let failures = Mutex<Int>(0)
+let start = now()
+DispatchQueue.concurrentPerform(iterations: vmCount) { index in
+    do {
+        let connection = try ControlClient(socketPath: directory + "/run/control.sock")
+        _ = try connection.execute("vm-create", ["name": .string("bench\(index)"), "config": config, "start": true])
+    } catch {
+        failures.withLock { $0 += 1 }
+    }
+}
+let elapsed = now() - start
+let loadedRSS = rssKiB(daemon.processIdentifier)
+
+// 2. query-status round trips: through flotillad vs directly to the worker.
+func measure(_ path: String) throws -> [Double] {
+    let qmp = try RawQMP(path)
+    for _ in 0..<100 { _ = try qmp.roundTrip("{\"execute\":\"query-status\"}\n") }
+    var samples: [Double] = []
+    for _ in 0..<roundTrips {
+        let begin = now()
+        _ = try qmp.roundTrip("{\"execute\":\"query-status\",\"id\":1}\n")
+        samples.append(now() - begin)
+    }
+    return samples.sorted()
+}
+let vmDirectory = directory + "/run/vms/bench0"
+let direct = try measure(vmDirectory + "/api.sock")
+let muxed = try measure(vmDirectory + "/qmp.sock")
+func median(_ values: [Double]) -> Double { values[values.count / 2] }
+func p99(_ values: [Double]) -> Double { values[min(values.count - 1, values.count * 99 / 100)] }
+
+print("== flotillad (fleet-bench)")
+print(String(format: "VMs created → QMP-ready:   %d VMs in %.2f s = %.1f VMs/s (target ≥ 25/s), %d failed", vmCount, elapsed,
+    Double(vmCount) / elapsed, failures.withLock { $0 }))
+print(String(format: "query-status direct:       median %.1f µs, p99 %.1f µs", median(direct) * 1e6, p99(direct) * 1e6))
+print(String(format: "query-status via flotillad: median %.1f µs, p99 %.1f µs  (ratio %.2f×, target ≤ 1.25×)", median(muxed) * 1e6,
+    p99(muxed) * 1e6, median(muxed) / median(direct)))
+print(String(format: "flotillad RSS:             %d KiB idle, %d KiB with %d VMs = %.1f KiB per VM", idleRSS, loadedRSS, vmCount,
+    Double(loadedRSS - idleRSS) / Double(max(1, vmCount))))
