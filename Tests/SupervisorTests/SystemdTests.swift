@@ -84,15 +84,31 @@ struct SystemdTests {
 
     static var journalSocket: String { "/run/systemd/journal/socket" }
 
-    /// Starts the real systemd-journald in the background when none is running.
+    /// Whether a journald is listening: the socket file can outlive its journald (a stopped
+    /// session leaves it behind), so ask the socket itself.
+    static var journaldListening: Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(journalSocket.utf8)) }
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        } == 0
+    }
+
+    /// Starts the real systemd-journald in the background when none is listening.
     static func ensureJournald() throws {
-        if FileManager.default.fileExists(atPath: journalSocket) { return }
+        if journaldListening { return }
+        // A stale socket file would make libsystemd's entries vanish; journald recreates it.
+        unlink(journalSocket)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/lib/systemd/systemd-journald")
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
-        try waitUntil("systemd-journald listens") { FileManager.default.fileExists(atPath: journalSocket) }
+        try waitUntil("systemd-journald listens") { journaldListening }
     }
 
     static func journalEntries(_ match: String) throws -> [JSONObject] {
