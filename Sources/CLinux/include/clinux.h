@@ -1,3 +1,0 @@
-#ifndef FLOTILLA_CLINUX_H
-#define FLOTILLA_CLINUX_H
-#endif
