@@ -17,8 +17,9 @@ import Testing
 struct LinuxBootTests {
     static let plans = [
         LinuxBootPlan(format: .vmlinux, vcpus: 1, memoryMiB: 256),
-        LinuxBootPlan(format: .bzImage, vcpus: 2, memoryMiB: 1024),
-        LinuxBootPlan(format: .vmlinux, vcpus: 4, memoryMiB: 256),
+        LinuxBootPlan(format: .bzImage, vcpus: 1, memoryMiB: 1024),
+        LinuxBootPlan(format: .vmlinux, vcpus: 2, memoryMiB: 256),
+        LinuxBootPlan(format: .bzImage, vcpus: 4, memoryMiB: 256),
     ]
 
     @Test("the kernel's own log agrees with the guest ABI, and the boot ends as expected", arguments: plans)

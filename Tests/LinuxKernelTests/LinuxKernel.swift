@@ -141,12 +141,14 @@ struct LinuxBoot: Sendable {
         try? log.text.write(toFile: directory + "/" + name + ".serial.log", atomically: true, encoding: .utf8)
         try? standardError.write(toFile: directory + "/" + name + ".stderr.log", atomically: true, encoding: .utf8)
         let times = milestones.map { "\($0.name) \(String(format: "%.1f", $0.seconds)) s" }.joined(separator: ", ")
-        print("Linux boot \(plan.testDescription): \(timedOut ? "killed, " : "")exit \(status); \(times); logs in \(directory)/\(name).*.log")
+        print(
+            "Linux boot \(plan.testDescription): \(timedOut ? "killed, " : "")exit \(status); \(times); logs in \(directory)/\(name).*.log")
     }
 
     /// The last lines of the log and the VMM's messages, for failure messages.
     var tail: String {
-        (timedOut ? "KILLED (hung or too slow), " : "") + "exit \(status) after \(String(format: "%.1f", seconds)) s\n--- serial (last 40 lines) ---\n"
+        (timedOut ? "KILLED (hung or too slow), " : "")
+            + "exit \(status) after \(String(format: "%.1f", seconds)) s\n--- serial (last 40 lines) ---\n"
             + log.lines.suffix(40).joined(separator: "\n") + "\n--- flotilla-vmm stderr ---\n" + standardError
     }
 }
@@ -159,7 +161,7 @@ struct KernelLog: Sendable {
 
     init(_ text: String) {
         self.text = text
-        lines = text.split(omittingEmptySubsequences: true, whereSeparator: { $0 == "\n" || $0 == "\r" }).map { line in
+        lines = text.split(omittingEmptySubsequences: true, whereSeparator: \.isNewline).map { line in
             var rest = Substring(line)
             if rest.hasPrefix("["), let close = rest.firstIndex(of: "]") {
                 rest = rest[rest.index(after: close)...]
