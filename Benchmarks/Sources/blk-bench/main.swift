@@ -11,6 +11,8 @@ struct Options {
     var sizeMiB = 256
     var operations = 20000
     var direct = false
+    /// Which workloads: reads, writes or both (for profiling one path at a time).
+    var kinds = [false, true]
 }
 
 var options = Options()
@@ -21,8 +23,14 @@ while let flag = arguments.popFirst() {
     case "--size-mib": options.sizeMiB = Int(arguments.popFirst() ?? "") ?? options.sizeMiB
     case "--ops": options.operations = Int(arguments.popFirst() ?? "") ?? options.operations
     case "--direct": options.direct = true
+    case "--rw":
+        switch arguments.popFirst() {
+        case "read": options.kinds = [false]
+        case "write": options.kinds = [true]
+        default: options.kinds = [false, true]
+        }
     default:
-        print("usage: blk-bench [--file PATH] [--size-mib N] [--ops N] [--direct]")
+        print("usage: blk-bench [--file PATH] [--size-mib N] [--ops N] [--direct] [--rw read|write|both]")
         exit(2)
     }
 }
@@ -66,51 +74,80 @@ let offsets = (0..<options.operations).map { _ in offsetGenerator.next() % block
 
 // Guest side: 64 MiB of RAM, one queue of 256 at fixed places, 32 request slots.
 let memory = try GuestMemory(size: 64 << 20)
-let descriptors: UInt64 = 0x10000, avail: UInt64 = 0x11000, used: UInt64 = 0x12000
-let headers: UInt64 = 0x20000, statuses: UInt64 = 0x21000, buffers: UInt64 = 0x100000
+let descriptors: UInt64 = 0x10000
+let avail: UInt64 = 0x11000
+let used: UInt64 = 0x12000
+let headers: UInt64 = 0x20000
+let statuses: UInt64 = 0x21000
+let buffers: UInt64 = 0x100000
 let loop = try EventLoop(name: "bench")
 let drive = DriveConfig(id: "bench", path: options.path, direct: options.direct)
 let device = VirtioBlockDevice(backend: try BlockBackend(drive: drive), memory: memory, loop: loop)
 let transport = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 0), device: device, memory: memory, vm: nil)
-for (offset, value) in [(0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11), (0x038, 256), (0x080, Int(descriptors)), (0x090, Int(avail)),
-                        (0x0a0, Int(used)), (0x044, 1), (0x070, 15)] as [(UInt64, Int)] {
+for (offset, value) in [
+    (0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11), (0x038, 256), (0x080, Int(descriptors)), (0x090, Int(avail)),
+    (0x0a0, Int(used)), (0x044, 1), (0x070, 15),
+] as [(UInt64, Int)] {
     transport.write(offset: offset, length: 4, value: UInt64(value))
 }
 guard transport.status == 15 else { fatalError("device did not go live: status \(transport.status)") }
 
 var availIndex: UInt16 = 0
-@MainActor func post(slot: Int, write: Bool, offset: UInt64) throws {
+// The driver's side of the rings, written the way a guest driver writes them: plain stores
+// into its own memory (through one checked host pointer for the whole control area, so the
+// harness's own cost does not count against the device).
+let control = try memory.hostPointer(descriptors, length: statuses + 0x1000 - descriptors)
+@MainActor @inline(__always) func store<T: FixedWidthInteger>(_ value: T, at address: UInt64) {
+    control.storeBytes(of: value.littleEndian, toByteOffset: Int(address - descriptors), as: T.self)
+}
+/// Posts one request in `slot`: header, three descriptors (header, data, status), avail entry.
+@MainActor func post(slot: Int, write: Bool, offset: UInt64) {
     let head = UInt16(slot * 3)
     let header = headers + UInt64(slot) * 16
-    try memory.write(UInt32(write ? 1 : 0), at: header)
-    try memory.write(offset / 512, at: header + 8)
+    store(UInt32(write ? 1 : 0), at: header)
+    store(offset / 512, at: header + 8)
     let data = buffers + UInt64(slot) * 4096
     let table = descriptors + UInt64(head) * 16
-    let entries: [(UInt64, UInt32, UInt16)] = [(header, 16, 1), (data, 4096, write ? 1 : 3), (statuses + UInt64(slot), 1, 2)]
-    for (i, (address, length, flags)) in entries.enumerated() {
+    func descriptor(_ i: UInt16, _ address: UInt64, _ length: UInt32, _ flags: UInt16) {
         let at = table + UInt64(i) * 16
-        try memory.write(address, at: at)
-        try memory.write(length, at: at + 8)
-        try memory.write(flags, at: at + 12)
-        try memory.write(head + UInt16(i) + 1, at: at + 14)
+        store(address, at: at)
+        store(length, at: at + 8)
+        store(flags, at: at + 12)
+        store(head + i + 1, at: at + 14)
     }
-    try memory.write(head, at: avail + 4 + 2 * UInt64(availIndex % 256))
+    descriptor(0, header, 16, 1)
+    descriptor(1, data, 4096, write ? 1 : 3)
+    descriptor(2, statuses + UInt64(slot), 1, 2)
+    store(head, at: avail + 4 + 2 * UInt64(availIndex % 256))
     availIndex &+= 1
-    try memory.write(availIndex, at: avail + 2)
+    store(availIndex, at: avail + 2)
+}
+
+/// What a guest's interrupt handler does for virtio-mmio (Linux vm_interrupt): read
+/// InterruptStatus and acknowledge it.
+@MainActor func acknowledgeInterrupt() {
+    let status = transport.read(offset: 0x060, length: 4)
+    if status != 0 { transport.write(offset: 0x064, length: 4, value: status) }
 }
 
 /// Operations per second through the device, `depth` requests per notification.
 @MainActor func device(write: Bool, depth: Int) throws -> Double {
+    let signalsBefore = transport.interrupt.signalCount
+    var batches = 0
     let start = now()
     var i = 0
     while i < offsets.count {
+        batches += 1
         let batch = min(depth, offsets.count - i)
-        for slot in 0..<batch { try post(slot: slot, write: write, offset: offsets[i + slot]) }
+        for slot in 0..<batch { post(slot: slot, write: write, offset: offsets[i + slot]) }
         device.process()
+        acknowledgeInterrupt()
         i += batch
     }
     let elapsed = now() - start
     guard try memory.read(UInt16.self, at: used + 2) == availIndex else { fatalError("requests left unprocessed") }
+    // The driver asks for every interrupt (no EVENT_IDX, no NO_INTERRUPT): one per batch.
+    guard transport.interrupt.signalCount - signalsBefore == batches else { fatalError("interrupts missing") }
     return Double(offsets.count) / elapsed
 }
 
@@ -134,9 +171,11 @@ func pad(_ value: Int, _ width: Int) -> String {
     return String(repeating: " ", count: max(0, width - text.count)) + text
 }
 
-print("virtio-blk backend, 4 KiB random I/O, \(options.operations) ops on a \(options.sizeMiB) MiB file (\(options.direct ? "O_DIRECT" : "page cache"))")
+print(
+    "virtio-blk backend, 4 KiB random I/O, \(options.operations) ops on a \(options.sizeMiB) MiB file (\(options.direct ? "O_DIRECT" : "page cache"))"
+)
 print("workload        virtio-blk ops/s   plain ops/s   ratio")
-for write in [false, true] {
+for write in options.kinds {
     // Warm up both paths once.
     _ = plain(write: write)
     _ = try device(write: write, depth: 32)

@@ -122,8 +122,7 @@ public final class BlockBackend: Sendable {
                 at += v.iov_len
             }
         }
-        var single = [iovec(iov_base: buffer, iov_len: total)]
-        try Self.transferAll(fd: fd, &single, at: offset, write: write)
+        try Self.transferAll(fd: fd, buffer, count: total, at: offset, write: write)
         if !write {
             var at = 0
             for v in iovecs {
@@ -137,6 +136,12 @@ public final class BlockBackend: Sendable {
     /// preadv/pwritev until every byte moved; EINTR retried; a read hitting end of file
     /// (the image shrank under us) is EIO.
     static func transferAll(fd: Int32, _ iovecs: inout [iovec], at offset: UInt64, write: Bool) throws(SyscallError) {
+        if iovecs.count == 1, let base = iovecs[0].iov_base {
+            // One contiguous buffer (the usual 4 KiB request): pread/pwrite, which skip
+            // preadv's iovec import in the kernel.
+            try transferAll(fd: fd, base, count: iovecs[0].iov_len, at: offset, write: write)
+            return
+        }
         var position = offset
         var first = 0
         while first < iovecs.count {
@@ -166,6 +171,23 @@ public final class BlockBackend: Sendable {
         }
     }
 
+    /// ``transferAll(fd:_:at:write:)`` for one buffer of `count` bytes at `buffer`.
+    static func transferAll(fd: Int32, _ buffer: UnsafeMutableRawPointer, count: Int, at offset: UInt64, write: Bool)
+        throws(SyscallError)
+    {
+        var done = 0
+        while done < count {
+            let position = off_t(offset + UInt64(done))
+            let n = write ? pwrite(fd, buffer + done, count - done, position) : pread(fd, buffer + done, count - done, position)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SyscallError(write ? "pwrite" : "pread", .init(rawValue: errno))
+            }
+            if n == 0 { throw SyscallError(write ? "pwrite" : "pread", .ioError) }
+            done += n
+        }
+    }
+
     func flush() throws(SyscallError) {
         _ = try Syscall.retrying("fdatasync") { fdatasync(fd) }
     }
@@ -191,8 +213,7 @@ public final class BlockBackend: Sendable {
         var done: UInt64 = 0
         while done < length {
             let n = Int(min(UInt64(chunk), length - done))
-            var one = [iovec(iov_base: zeroes, iov_len: n)]
-            try Self.transferAll(fd: fd, &one, at: offset + done, write: true)
+            try Self.transferAll(fd: fd, zeroes, count: n, at: offset + done, write: true)
             done += UInt64(n)
         }
     }

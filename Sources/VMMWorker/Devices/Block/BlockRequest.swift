@@ -40,6 +40,13 @@ public struct BlockRequestHandler: Sendable {
     /// buffers (the used length), status byte included. A chain without room for a status
     /// byte or a header gets no status and a used length of 0.
     public func execute(_ chain: DescriptorChain) -> UInt32 {
+        var iovecs: [iovec] = []
+        return execute(chain, iovecs: &iovecs)
+    }
+
+    /// ``execute(_:)`` with the caller's scratch array for the host iovecs (kept per queue, so
+    /// a request allocates nothing once its capacity has grown to the queue's segment count).
+    public func execute(_ chain: DescriptorChain, iovecs: inout [iovec]) -> UInt32 {
         guard chain.writableLength >= 1, let last = chain.writable.last else { return 0 }
         let statusAddress = last.address + UInt64(last.length) - 1
         func finish(_ status: UInt8, dataWritten: UInt64 = 0) -> UInt32 {
@@ -50,12 +57,10 @@ public struct BlockRequestHandler: Sendable {
         guard chain.readableLength >= 16, let first = chain.readable.first else { return finish(BlockStatus.ioError) }
         let type: UInt32
         var sector: UInt64 = 0
-        if first.length >= 16, let t = try? memory.read(UInt32.self, at: first.address),
-            let s = try? memory.read(UInt64.self, at: first.address + 8)
-        {
+        if first.length >= 16, let header = try? memory.hostPointer(first.address, length: 16) {
             // The usual layout: the whole header in the first descriptor.
-            type = t
-            sector = s
+            type = UInt32(littleEndian: header.loadUnaligned(as: UInt32.self))
+            sector = UInt64(littleEndian: header.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
         } else {
             guard let header = try? gather(chain.readable, skip: 0, count: 16, of: chain.readableLength) else {
                 return finish(BlockStatus.ioError)
@@ -72,7 +77,7 @@ public struct BlockRequestHandler: Sendable {
             let length = chain.writableLength - 1
             guard chain.readableLength == 16, length % BlockBackend.sectorSize == 0, length <= Self.maxRequestBytes,
                 backend.contains(sector: sector, bytes: length),
-                var iovecs = try? gather(chain.writable, skip: 0, count: length, of: chain.writableLength)
+                (try? gather(chain.writable, skip: 0, count: length, of: chain.writableLength, into: &iovecs)) != nil
             else { return finish(BlockStatus.ioError) }
             do {
                 if length > 0 { try backend.transfer(&iovecs, total: Int(length), at: sector * BlockBackend.sectorSize, write: false) }
@@ -85,7 +90,7 @@ public struct BlockRequestHandler: Sendable {
             // §5.2.6.2: a device offering VIRTIO_BLK_F_RO fails writes.
             guard !backend.readOnly, chain.writableLength == 1, length % BlockBackend.sectorSize == 0, length <= Self.maxRequestBytes,
                 backend.contains(sector: sector, bytes: length),
-                var iovecs = try? gather(chain.readable, skip: 16, count: length, of: chain.readableLength)
+                (try? gather(chain.readable, skip: 16, count: length, of: chain.readableLength, into: &iovecs)) != nil
             else { return finish(BlockStatus.ioError) }
             do {
                 if length > 0 { try backend.transfer(&iovecs, total: Int(length), at: sector * BlockBackend.sectorSize, write: true) }
@@ -160,8 +165,17 @@ public struct BlockRequestHandler: Sendable {
     /// `total`). Every segment was checked against guest RAM when the chain was walked; the
     /// translation is checked again here.
     func gather(_ segments: [GuestSegment], skip: UInt64, count: UInt64, of total: UInt64) throws(MemoryError) -> [iovec] {
-        guard skip <= total, count <= total - skip else { throw MemoryError(.outOfRange, "request shorter than its layout") }
         var result: [iovec] = []
+        try gather(segments, skip: skip, count: count, of: total, into: &result)
+        return result
+    }
+
+    /// ``gather(_:skip:count:of:)`` into `result`, emptied first (its storage is reused).
+    func gather(_ segments: [GuestSegment], skip: UInt64, count: UInt64, of total: UInt64, into result: inout [iovec])
+        throws(MemoryError)
+    {
+        result.removeAll(keepingCapacity: true)
+        guard skip <= total, count <= total - skip else { throw MemoryError(.outOfRange, "request shorter than its layout") }
         result.reserveCapacity(segments.count)
         var toSkip = skip
         var left = count
@@ -177,7 +191,6 @@ public struct BlockRequestHandler: Sendable {
             left -= take
             toSkip = 0
         }
-        return result
     }
 
     func copyOut(_ iovecs: [iovec], into bytes: inout [UInt8]) {

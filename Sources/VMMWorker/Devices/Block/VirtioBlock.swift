@@ -42,6 +42,11 @@ public final class VirtioBlockDevice: VirtioDevice {
         var bucket: TokenBucket?
         var resumeTimer: EventLoop.Token?
         var broken = false
+        /// Per-queue scratch, reused by every request: the chain being executed and its host
+        /// iovecs. Mutated in place under the lock, so their storage stays uniquely owned
+        /// and a request allocates nothing.
+        var chain = DescriptorChain(head: 0)
+        var iovecs: [iovec] = []
     }
 
     private let state = Mutex<Active?>(nil)
@@ -99,6 +104,10 @@ public final class VirtioBlockDevice: VirtioDevice {
             active = Active(
                 queue: queue, notifyFD: notifyFD, interrupt: activation.interrupt,
                 bucket: iops > 0 ? TokenBucket(rate: iops) : nil)
+            // A chain has at most queue-size segments (§2.7.4.2).
+            active?.chain.readable.reserveCapacity(Int(queue.layout.size))
+            active?.chain.writable.reserveCapacity(Int(queue.layout.size))
+            active?.iovecs.reserveCapacity(Int(queue.layout.size))
             active?.token = try loop.register(fd: notifyFD, events: EPOLLIN.rawValue) { [weak self] _ in
                 var value: UInt64 = 0
                 _ = withUnsafeMutableBytes(of: &value) { Glibc.read(notifyFD, $0.baseAddress, 8) }
@@ -121,14 +130,20 @@ public final class VirtioBlockDevice: VirtioDevice {
     /// empty, the QoS bucket runs dry (a one-shot timer resumes), or the queue breaks.
     public func process() {
         state.withLock { slot in
-            guard var active = slot, !active.broken else { return }
+            // Moved out, not copied: the scratch buffers must stay uniquely owned, or the
+            // first append of each batch would copy them.
+            guard var active = slot.take() else { return }
             defer { slot = active }
+            guard !active.broken else { return }
             run(&active)
+            // One interrupt for the whole batch, if the driver wants one (§2.7.10).
             if active.queue.needsInterrupt() { active.interrupt.signal(Virtio.Interrupt.usedBuffer) }
         }
     }
 
     private func run(_ active: inout Active) {
+        var done: UInt64 = 0
+        defer { if done > 0 { completed.add(done, ordering: .relaxed) } }
         func broken(_ error: VirtqueueError) {
             active.broken = true
             active.interrupt.markNeedsReset()
@@ -147,20 +162,18 @@ public final class VirtioBlockDevice: VirtioDevice {
                     }
                     return
                 }
-                let chain: DescriptorChain?
                 do {
-                    chain = try active.queue.next()
+                    guard try active.queue.next(into: &active.chain) else { break }
                 } catch {
                     guard case .chain(let head) = error.kind else { return broken(error) }
                     // A malformed chain fails on its own: returned unused, nothing written.
                     do { try active.queue.complete(head: head, written: 0) } catch { return broken(error) }
                     continue
                 }
-                guard let chain else { break }
                 active.bucket?.consume()
-                let written = handler.execute(chain)
-                do { try active.queue.complete(head: chain.head, written: written) } catch { return broken(error) }
-                completed.add(1, ordering: .relaxed)
+                let written = handler.execute(active.chain, iovecs: &active.iovecs)
+                do { try active.queue.complete(head: active.chain.head, written: written) } catch { return broken(error) }
+                done += 1
             }
             do {
                 if try active.queue.rearmNotification() { continue }

@@ -46,12 +46,28 @@ public struct GuestSegment: Sendable, Equatable {
 /// A descriptor chain taken from the available ring: its head (what goes back on the used
 /// ring) and its buffers, device-readable ones first (§2.7.4.2: "A driver MUST place any
 /// device-writable descriptor elements after any device-readable descriptor elements").
+///
+/// A device keeps one per queue and refills it with ``SplitVirtqueue/next(into:)``: the arrays
+/// keep their capacity, so taking a chain allocates nothing once the queue has warmed up.
 public struct DescriptorChain: Sendable, Equatable {
-    public let head: UInt16
+    public internal(set) var head: UInt16
     public var readable: [GuestSegment] = []
     public var writable: [GuestSegment] = []
     public var readableLength: UInt64 = 0
     public var writableLength: UInt64 = 0
+
+    public init(head: UInt16) {
+        self.head = head
+    }
+
+    /// Empties the chain for reuse, keeping the arrays' storage.
+    mutating func reset(head: UInt16) {
+        self.head = head
+        readable.removeAll(keepingCapacity: true)
+        writable.removeAll(keepingCapacity: true)
+        readableLength = 0
+        writableLength = 0
+    }
 }
 
 /// Why a chain or a queue is unusable. Every guest-controlled value is checked; none of these
@@ -127,8 +143,15 @@ public struct SplitVirtqueue: Sendable {
     /// queue can no longer be trusted; a `.chain` error consumed the chain, which must be
     /// completed (failed) by the caller with ``complete(head:written:)``.
     public mutating func next() throws(VirtqueueError) -> DescriptorChain? {
+        var chain = DescriptorChain(head: 0)
+        return try next(into: &chain) ? chain : nil
+    }
+
+    /// ``next()`` into a chain the caller keeps: refills `chain` (reusing its storage) and
+    /// returns true, or returns false when the driver has made nothing new available.
+    public mutating func next(into chain: inout DescriptorChain) throws(VirtqueueError) -> Bool {
         let available = try availableIndex()
-        if available == lastAvailable { return nil }
+        if available == lastAvailable { return false }
         // §2.7.13.3: the driver may not have more than size buffers outstanding; an idx that
         // jumps further is a driver bug we must not follow.
         guard available &- lastAvailable <= size else {
@@ -137,7 +160,7 @@ public struct SplitVirtqueue: Sendable {
         let slot = UInt64(lastAvailable % size)
         let head: UInt16
         do {
-            head = try memory.read(UInt16.self, at: layout.availableRing + 4 + 2 * slot)
+            head = try memory.read(UInt16.self, at: layout.availableRing &+ 4 &+ 2 &* slot)
         } catch {
             throw VirtqueueError(kind: .queue, reason: "available ring unreadable")
         }
@@ -145,7 +168,8 @@ public struct SplitVirtqueue: Sendable {
             throw VirtqueueError(kind: .queue, reason: "avail ring entry \(slot) names descriptor \(head), beyond queue size \(size)")
         }
         lastAvailable &+= 1
-        return try walk(head: head)
+        try walk(head: head, into: &chain)
+        return true
     }
 
     struct RawDescriptor {
@@ -155,20 +179,35 @@ public struct SplitVirtqueue: Sendable {
         let next: UInt16
     }
 
+    /// Descriptor `index` of the table at `table`: one bounds-checked translation of its 16
+    /// bytes (the table was checked as a whole, but the guest may change anything at any
+    /// time, so each read is checked again; it costs one range comparison).
+    @inline(__always)
     func descriptor(table: UInt64, index: UInt16, head: UInt16) throws(VirtqueueError) -> RawDescriptor {
         let at = table &+ 16 &* UInt64(index)
+        let bytes: UnsafeMutableRawPointer
         do {
-            return RawDescriptor(
-                address: try memory.read(UInt64.self, at: at), length: try memory.read(UInt32.self, at: at &+ 8),
-                flags: try memory.read(UInt16.self, at: at &+ 12), next: try memory.read(UInt16.self, at: at &+ 14))
+            bytes = try memory.hostPointer(at, length: 16)
         } catch {
             throw VirtqueueError(kind: .chain(head: head), reason: "descriptor \(index) at \(hex(at)) is not in guest RAM")
         }
+        return RawDescriptor(
+            address: UInt64(littleEndian: bytes.loadUnaligned(as: UInt64.self)),
+            length: UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 8, as: UInt32.self)),
+            flags: UInt16(littleEndian: bytes.loadUnaligned(fromByteOffset: 12, as: UInt16.self)),
+            next: UInt16(littleEndian: bytes.loadUnaligned(fromByteOffset: 14, as: UInt16.self)))
     }
 
     /// Follows the chain from `head` (§2.7.5), through at most one indirect table (§2.7.5.3).
     func walk(head: UInt16) throws(VirtqueueError) -> DescriptorChain {
         var chain = DescriptorChain(head: head)
+        try walk(head: head, into: &chain)
+        return chain
+    }
+
+    /// ``walk(head:)`` into `chain`, which is reset first (its storage is reused).
+    func walk(head: UInt16, into chain: inout DescriptorChain) throws(VirtqueueError) {
+        chain.reset(head: head)
         func fail(_ reason: String) -> VirtqueueError { VirtqueueError(kind: .chain(head: head), reason: reason) }
 
         var table = layout.descriptorTable
@@ -210,6 +249,7 @@ public struct SplitVirtqueue: Sendable {
                 throw fail("buffer [\(hex(d.address)), +\(d.length)) is not in guest RAM")
             }
             let segment = GuestSegment(address: d.address, length: d.length)
+            // At most `size` (≤ 32768) segments of < 2^32 bytes each: the sums cannot overflow.
             if d.flags & Self.descriptorWrite != 0 {
                 chain.writable.append(segment)
                 chain.writableLength += UInt64(d.length)
@@ -218,7 +258,7 @@ public struct SplitVirtqueue: Sendable {
                 chain.readable.append(segment)
                 chain.readableLength += UInt64(d.length)
             }
-            guard d.flags & Self.descriptorNext != 0 else { return chain }
+            guard d.flags & Self.descriptorNext != 0 else { return }
             index = d.next
         }
     }
@@ -227,14 +267,15 @@ public struct SplitVirtqueue: Sendable {
     /// buffers (§2.7.8) and publishes the new used idx.
     public mutating func complete(head: UInt16, written: UInt32) throws(VirtqueueError) {
         let slot = UInt64(usedIndex % size)
-        let element = layout.usedRing + 4 + 8 * slot
+        let element = layout.usedRing &+ 4 &+ 8 &* slot
         do {
-            try memory.write(UInt32(head), at: element)
-            try memory.write(written, at: element + 4)
+            let bytes = try memory.hostPointer(element, length: 8)
+            bytes.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
+            bytes.storeBytes(of: written.littleEndian, toByteOffset: 4, as: UInt32.self)
             // Release: the element must be visible before the idx that publishes it.
             atomicMemoryFence(ordering: .releasing)
             usedIndex &+= 1
-            try memory.write(usedIndex, at: layout.usedRing + 2)
+            try memory.write(usedIndex, at: layout.usedRing &+ 2)
         } catch {
             throw VirtqueueError(kind: .queue, reason: "used ring unwritable")
         }
