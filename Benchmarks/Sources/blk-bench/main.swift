@@ -13,6 +13,11 @@ struct Options {
     var direct = false
     /// Which workloads: reads, writes or both (for profiling one path at a time).
     var kinds = [false, true]
+    /// Queue depths to measure.
+    var depths = [1, 32]
+    /// Time with this thread's CPU clock instead of the wall clock: steadier on a loaded host
+    /// (preemption by other processes does not count), blind to time spent blocked.
+    var cpuTime = false
 }
 
 var options = Options()
@@ -23,6 +28,8 @@ while let flag = arguments.popFirst() {
     case "--size-mib": options.sizeMiB = Int(arguments.popFirst() ?? "") ?? options.sizeMiB
     case "--ops": options.operations = Int(arguments.popFirst() ?? "") ?? options.operations
     case "--direct": options.direct = true
+    case "--cpu-time": options.cpuTime = true
+    case "--qd": options.depths = [Int(arguments.popFirst() ?? "") ?? 1]
     case "--rw":
         switch arguments.popFirst() {
         case "read": options.kinds = [false]
@@ -30,14 +37,14 @@ while let flag = arguments.popFirst() {
         default: options.kinds = [false, true]
         }
     default:
-        print("usage: blk-bench [--file PATH] [--size-mib N] [--ops N] [--direct] [--rw read|write|both]")
+        print("usage: blk-bench [--file PATH] [--size-mib N] [--ops N] [--direct] [--rw read|write|both] [--qd N] [--cpu-time]")
         exit(2)
     }
 }
 
-func now() -> Double {
+@MainActor func now() -> Double {
     var t = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &t)
+    clock_gettime(options.cpuTime ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &t)
     return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
 }
 
@@ -179,7 +186,7 @@ for write in options.kinds {
     // Warm up both paths once.
     _ = plain(write: write)
     _ = try device(write: write, depth: 32)
-    for depth in [1, 32] {
+    for depth in options.depths {
         let viaDevice = try device(write: write, depth: depth)
         let baseline = plain(write: write)
         let name = "\(write ? "write" : "read") QD\(depth)"
