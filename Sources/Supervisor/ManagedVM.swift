@@ -6,7 +6,7 @@ public enum VMState: String, Sendable, CaseIterable {
     case stopped, starting, running, paused, stopping, failed
 }
 
-/// One VM of the fleet at run time: its record, its worker (launcher, daemon, QMP), its
+/// One VM of the fleet at run time: its record, its worker (process, QMP), its
 /// timers and whoever waits for it. Confined to the reactor thread.
 final class ManagedVM {
     enum Intent {
@@ -19,10 +19,15 @@ final class ManagedVM {
     let directory: String
     var state = VMState.stopped
 
-    /// The `flotilla-vmm -daemonize` command, until it reports the daemon ready or failed.
-    var launcher: ProcessWatch?
-    /// The daemon: the VM's process.
+    /// The worker's readiness pipe while it starts: set from the spawn until the worker
+    /// reports ready (`R`) or fails.
+    var readiness: ReadinessPipe?
+    /// The worker, the VM's process (spawned or adopted), until it ends.
     var worker: ProcessWatch?
+    /// A worker that closed its readiness pipe without `R` is killed if it lingers.
+    var startFailureTimer: Reactor.Timer?
+    /// The readiness pipe closed without `R`; the worker's exit finishes the failed start.
+    var pendingStartFailure: ReadinessPipe.Outcome?
     var adopted = false
     var qmp: WorkerQMPConnection?
     var multiplexer: QMPMultiplexer?

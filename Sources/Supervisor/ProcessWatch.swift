@@ -114,22 +114,121 @@ enum Spawner {
         return result
     }
 
-    /// Spawns `arguments[0]`-named `path` in a new session with stdin on /dev/null and
-    /// stdout/stderr on `outputFD`; no other descriptor is inherited.
-    static func spawn(path: String, arguments: [String], outputFD: Int32) throws(SystemCallError) -> pid_t {
+    /// Spawns `arguments[0]`-named `path` in a new session with stdin on /dev/null,
+    /// stdout/stderr on `outputFD`, and `extraFDs` as its descriptors 3, 4, ...; no other
+    /// descriptor is inherited. `environment` entries are added to flotillad's own.
+    static func spawn(
+        path: String, arguments: [String], outputFD: Int32, extraFDs: [Int32] = [], environment extra: [String] = []
+    ) throws(SystemCallError) -> pid_t {
         var cArguments = arguments.map { strdup($0) } + [nil]
-        var cEnvironment = environment().map { strdup($0) } + [nil]
+        let names = Set(extra.map { $0.split(separator: "=", maxSplits: 1).first.map(String.init) ?? $0 })
+        let inherited = environment().filter { !names.contains($0.split(separator: "=", maxSplits: 1).first.map(String.init) ?? $0) }
+        var cEnvironment = (inherited + extra).map { strdup($0) } + [nil]
         defer {
             for pointer in cArguments { free(pointer) }
             for pointer in cEnvironment { free(pointer) }
         }
         var pid: pid_t = 0
-        let descriptors: [Int32] = [-1, outputFD, outputFD]
+        let descriptors: [Int32] = [-1, outputFD, outputFD] + extraFDs
         let code = descriptors.withUnsafeBufferPointer { fds in
             fl_spawn(&pid, path, &cArguments, &cEnvironment, fds.baseAddress, Int32(fds.count), 1)
         }
         guard code == 0 else { throw SystemCallError("posix_spawn \(path)", .init(rawValue: code)) }
         return pid
+    }
+}
+
+/// The read end of a worker's readiness pipe (flotilla-vmm's `FLOTILLA_DAEMON_READY_FD`): the
+/// worker writes `R` once the VM runs and its api-channel accepts, or an error message and
+/// then exits. Confined to the reactor thread.
+final class ReadinessPipe {
+    enum Outcome: Equatable {
+        /// Nothing decisive read yet.
+        case pending
+        /// The worker wrote `R`.
+        case ready
+        /// The pipe closed without `R`; the text is whatever the worker wrote.
+        case failed(String)
+    }
+
+    static let readyByte = UInt8(ascii: "R")
+
+    private let fd: Int32
+    private let reactor: Reactor
+    private var token: Reactor.Token?
+    private var received: [UInt8] = []
+    private(set) var outcome = Outcome.pending
+    private var onOutcome: ((Outcome) -> Void)?
+
+    /// Creates the pipe: `writeEnd` goes to the worker (then ``closeWriteEnd()``), and
+    /// `onOutcome` runs once on the reactor when the worker reports ready or the pipe closes.
+    static func make(reactor: Reactor, onOutcome: @escaping (Outcome) -> Void) throws(SystemCallError) -> (ReadinessPipe, writeEnd: Int32) {
+        var ends: [Int32] = [-1, -1]
+        // pipe2 is hidden from Swift's Glibc; only the reactor thread spawns processes, so
+        // setting close-on-exec right after pipe() cannot leak the ends into another spawn.
+        _ = try Sys.once("pipe") { pipe(&ends) }
+        _ = fcntl(ends[0], F_SETFD, FD_CLOEXEC)
+        _ = fcntl(ends[1], F_SETFD, FD_CLOEXEC)
+        // Only the read end is non-blocking (the worker's end is a separate open file).
+        _ = fcntl(ends[0], F_SETFL, fcntl(ends[0], F_GETFL) | O_NONBLOCK)
+        do {
+            return (try ReadinessPipe(fd: ends[0], reactor: reactor, onOutcome: onOutcome), ends[1])
+        } catch {
+            Sys.close(ends[1])
+            throw error
+        }
+    }
+
+    private init(fd: Int32, reactor: Reactor, onOutcome: @escaping (Outcome) -> Void) throws(SystemCallError) {
+        self.fd = fd
+        self.reactor = reactor
+        self.onOutcome = onOutcome
+        do {
+            token = try reactor.add(fd: fd, events: EPOLLIN.rawValue) { [weak self] _ in self?.readAvailable(notify: true) }
+        } catch {
+            Sys.close(fd)
+            throw error
+        }
+    }
+
+    deinit { close() }
+
+    /// Reads what the worker wrote so far; `notify` runs the outcome handler when decided.
+    /// Without it (the worker's exit was seen first), the caller reads ``outcome`` itself.
+    func readAvailable(notify: Bool) {
+        guard token != nil, outcome == .pending else { return }
+        var chunk = [UInt8](repeating: 0, count: 512)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if count > 0 {
+                received.append(contentsOf: chunk[0..<count])
+                if received.first == Self.readyByte {
+                    decide(.ready, notify: notify)
+                    return
+                }
+                continue
+            }
+            if count < 0 && errno == EINTR { continue }
+            if count < 0 && errno == EAGAIN { return }
+            decide(.failed(String(decoding: received, as: UTF8.self)), notify: notify)
+            return
+        }
+    }
+
+    private func decide(_ outcome: Outcome, notify: Bool) {
+        self.outcome = outcome
+        let handler = onOutcome
+        close()
+        if notify { handler?(outcome) }
+    }
+
+    /// Stops watching; no handler runs after this.
+    func close() {
+        guard let token else { return }
+        reactor.remove(token)
+        self.token = nil
+        Sys.close(fd)
+        onOutcome = nil
     }
 }
 

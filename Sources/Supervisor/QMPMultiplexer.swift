@@ -27,6 +27,8 @@ final class WorkerQMPConnection {
 
     private var onReady: ((Result<Void, SupervisorError>) -> Void)?
     var onReply: (Origin, JSONObject) -> Void = { _, _ in }
+    /// A reply for a client, unparsed: its bytes, their top-level members and the `id` member.
+    var onRawReply: (Origin, [UInt8], TopLevelMembers, TopLevelMembers.Member) -> Void = { _, _, _, _ in }
     var onEvent: (JSONObject) -> Void = { _ in }
     var onClose: () -> Void = {}
 
@@ -47,6 +49,7 @@ final class WorkerQMPConnection {
     }
 
     private func received(_ piece: JSONStreamSplitter.Piece) {
+        if phase == .ready, case .message(let bytes) = piece, forwardReply(bytes) { return }
         guard case .message(let bytes) = piece, let object = (try? JSONValue.parse(bytes: bytes))?.objectValue else {
             // A worker never sends garbage; if it did, there is nothing to route it to.
             return
@@ -78,6 +81,49 @@ final class WorkerQMPConnection {
             guard let id = object["id"]?.numberValue?.unsignedValue, let origin = pending.removeValue(forKey: id) else { return }
             onReply(origin, object)
         }
+    }
+
+    /// The hot path for a client's reply: found by its wire id without a parse, and handed
+    /// over as the worker's own bytes. False for events, flotillad's own commands and
+    /// anything unusual, which take the parsing path.
+    private func forwardReply(_ bytes: [UInt8]) -> Bool {
+        guard let members = TopLevelMembers(bytes), members.named(TopLevelMembers.eventKey, in: bytes).isEmpty else { return false }
+        let ids = members.named(TopLevelMembers.idKey, in: bytes)
+        guard ids.count == 1, let id = TopLevelMembers.unsigned(bytes[ids[0].value]), case .client = pending[id] else { return false }
+        guard let origin = pending.removeValue(forKey: id) else { return false }
+        onRawReply(origin, bytes, members, ids[0])
+        return true
+    }
+
+    /// Sends a client's command as the client wrote it (`text`, already checked by
+    /// QMP.parseCommand as `command`), with only its id replaced by a wire id of our own.
+    func forward(text: [UInt8], command: QMP.Command, origin: Origin) {
+        guard let members = TopLevelMembers(text) else {
+            execute(name: command.name, arguments: command.arguments, origin: origin)
+            return
+        }
+        let ids = members.named(TopLevelMembers.idKey, in: text)
+        let id = nextID
+        let wireID = Array(String(id).utf8)
+        var framed: [UInt8] = []
+        framed.reserveCapacity(text.count + 32)
+        if command.id != nil, ids.count == 1 {
+            framed += text[..<ids[0].value.lowerBound]
+            framed += wireID
+            framed += text[ids[0].value.upperBound...]
+        } else if command.id == nil, ids.isEmpty, let open = text.firstIndex(of: UInt8(ascii: "{")) {
+            framed += text[...open]
+            framed += Array("\"id\":".utf8) + wireID + [UInt8(ascii: ",")]
+            framed += text[(open + 1)...]
+        } else {
+            // An id spelled with escapes: let the parsed command speak.
+            execute(name: command.name, arguments: command.arguments, origin: origin)
+            return
+        }
+        framed += [0x0d, 0x0a]
+        nextID += 1
+        pending[id] = origin
+        connection.send(framed: framed)
     }
 
     /// Sends a command for `origin` with a wire id of its own.
@@ -128,6 +174,7 @@ final class QMPMultiplexer {
         self.reactor = reactor
         worker.onEvent = { [weak self] event in self?.fanOut(event) }
         worker.onReply = { [weak self] origin, reply in self?.route(origin, reply) }
+        worker.onRawReply = { [weak self] origin, bytes, members, id in self?.route(origin, bytes, members, id) }
         listener = try Listener(path: path, mode: 0o660, reactor: reactor) { [weak self] fd in self?.accept(fd) }
     }
 
@@ -187,7 +234,9 @@ final class QMPMultiplexer {
             client.connection.send(QMP.error(.genericError, "the VM's QMP connection is not available", id: command.id))
             return
         }
-        worker.execute(name: command.name, arguments: command.arguments, origin: .client(id, command.id))
+        if case .message(let text) = piece {
+            worker.forward(text: text, command: command, origin: .client(id, command.id))
+        }
     }
 
     private func route(_ origin: WorkerQMPConnection.Origin, _ reply: JSONObject) {
@@ -201,6 +250,33 @@ final class QMPMultiplexer {
             rewritten["id"] = originalID
             client.connection.send(.object(rewritten))
         }
+    }
+
+    /// The hot path of ``route(_:_:)``: the worker's reply bytes with only the id replaced by
+    /// the client's own (or removed when the client sent none).
+    private func route(_ origin: WorkerQMPConnection.Origin, _ bytes: [UInt8], _ members: TopLevelMembers, _ id: TopLevelMembers.Member) {
+        guard case .client(let clientID, let originalID) = origin, let client = clients[clientID] else { return }
+        var framed: [UInt8] = []
+        framed.reserveCapacity(bytes.count + 32)
+        if let originalID {
+            framed += bytes[..<id.value.lowerBound]
+            framed += Array(originalID.compactText.utf8)
+            framed += bytes[id.value.upperBound...]
+        } else if let index = members.members.firstIndex(where: { $0.range == id.range }), members.members.count > 1 {
+            // Remove the member and one comma next to it.
+            let cut =
+                index > 0
+                ? members.members[index - 1].range.upperBound..<id.range.upperBound
+                : id.range.lowerBound..<members.members[index + 1].range.lowerBound
+            framed += bytes[..<cut.lowerBound]
+            framed += bytes[cut.upperBound...]
+        } else {
+            guard let reply = (try? JSONValue.parse(bytes: bytes))?.objectValue else { return }
+            route(origin, reply)
+            return
+        }
+        framed += [0x0d, 0x0a]
+        client.connection.send(framed: framed)
     }
 
     private func fanOut(_ event: JSONObject) {
@@ -225,5 +301,132 @@ final class QMPMultiplexer {
         listener = nil
         for client in clients.values { client.connection.closeWhenFlushed() }
         clients.removeAll()
+    }
+}
+
+/// The members of a JSON object text, found without building a JSONValue: enough to read or
+/// replace its top-level `id` on the multiplexer's hot path. Keys are compared as raw bytes, so
+/// a key spelled with escapes is not found — callers fall back to a full parse then.
+struct TopLevelMembers {
+    struct Member {
+        /// From the key's opening quote to the end of its value.
+        var range: Range<Int>
+        var key: Range<Int>
+        var value: Range<Int>
+    }
+
+    let members: [Member]
+
+    /// nil when `bytes` is not a single well-bracketed object.
+    init?(_ bytes: [UInt8]) {
+        var members: [Member] = []
+        let count = bytes.count
+        var index = 0
+        func skipSpace() {
+            while index < count, bytes[index] == 0x20 || bytes[index] == 0x09 || bytes[index] == 0x0a || bytes[index] == 0x0d {
+                index += 1
+            }
+        }
+        /// Moves past a string whose opening quote is at `index`.
+        func skipString() -> Bool {
+            index += 1
+            while index < count {
+                switch bytes[index] {
+                case UInt8(ascii: "\\"): index += 2
+                case UInt8(ascii: "\""):
+                    index += 1
+                    return true
+                default: index += 1
+                }
+            }
+            return false
+        }
+        func skipValue() -> Bool {
+            guard index < count else { return false }
+            switch bytes[index] {
+            case UInt8(ascii: "\""):
+                return skipString()
+            case UInt8(ascii: "{"), UInt8(ascii: "["):
+                var depth = 0
+                while index < count {
+                    switch bytes[index] {
+                    case UInt8(ascii: "\""):
+                        guard skipString() else { return false }
+                        continue
+                    case UInt8(ascii: "{"), UInt8(ascii: "["): depth += 1
+                    case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                        depth -= 1
+                        if depth == 0 {
+                            index += 1
+                            return true
+                        }
+                    default: break
+                    }
+                    index += 1
+                }
+                return false
+            default:
+                let start = index
+                while index < count,
+                    ![UInt8(ascii: ","), UInt8(ascii: "}"), UInt8(ascii: "]"), 0x20, 0x09, 0x0a, 0x0d].contains(bytes[index])
+                {
+                    index += 1
+                }
+                return index > start
+            }
+        }
+        skipSpace()
+        guard index < count, bytes[index] == UInt8(ascii: "{") else { return nil }
+        index += 1
+        skipSpace()
+        if index < count, bytes[index] == UInt8(ascii: "}") {
+            index += 1
+        } else {
+            while true {
+                skipSpace()
+                guard index < count, bytes[index] == UInt8(ascii: "\"") else { return nil }
+                let keyStart = index
+                guard skipString() else { return nil }
+                let key = keyStart..<index
+                skipSpace()
+                guard index < count, bytes[index] == UInt8(ascii: ":") else { return nil }
+                index += 1
+                skipSpace()
+                let valueStart = index
+                guard skipValue() else { return nil }
+                members.append(Member(range: keyStart..<index, key: key, value: valueStart..<index))
+                skipSpace()
+                guard index < count else { return nil }
+                if bytes[index] == UInt8(ascii: ",") {
+                    index += 1
+                    continue
+                }
+                guard bytes[index] == UInt8(ascii: "}") else { return nil }
+                index += 1
+                break
+            }
+        }
+        skipSpace()
+        guard index == count else { return nil }
+        self.members = members
+    }
+
+    static let idKey = Array("\"id\"".utf8)
+    static let eventKey = Array("\"event\"".utf8)
+
+    /// The members whose key is exactly `quotedName` (with its quotes, no escapes).
+    func named(_ quotedName: [UInt8], in bytes: [UInt8]) -> [Member] {
+        members.filter { bytes[$0.key].elementsEqual(quotedName) }
+    }
+
+    /// A plain unsigned integer value (digits only), as flotillad's wire ids are written.
+    static func unsigned(_ text: ArraySlice<UInt8>) -> UInt64? {
+        guard !text.isEmpty, text.count <= 19 else { return nil }
+        var value: UInt64 = 0
+        for byte in text {
+            guard byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") else { return nil }
+            value = value * 10 + UInt64(byte - UInt8(ascii: "0"))
+        }
+        return value
     }
 }

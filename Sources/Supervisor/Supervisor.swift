@@ -229,8 +229,10 @@ public final class Supervisor {
         if let finding = PidfileProbe.probe(vm.pidfile), finding.lockHolder == nil { Sys.unlinkIfPresent(vm.pidfile) }
     }
 
-    /// Spawns the VM's worker: `flotilla-vmm -daemonize` returns once the api-channel
-    /// accepts; the daemon is then re-parented to us (we are a child subreaper).
+    /// Spawns the VM's worker as the daemon itself: `flotilla-vmm -daemonize` with
+    /// `FLOTILLA_DAEMON_READY_FD=3` skips its re-exec, runs the VM in this one process (a new
+    /// session leader, our child), creates and locks its pidfile, and writes `R` to descriptor 3
+    /// once the VM runs and the api-channel accepts (an error message otherwise, then exits).
     func startWorker(_ vm: ManagedVM) {
         reactor.cancel(vm.restartTimer)
         vm.restartTimer = nil
@@ -262,74 +264,92 @@ public final class Supervisor {
             let output = open(vm.launchLog, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o640)
             guard output >= 0 else { throw SupervisorError(.failed, "cannot open \(vm.launchLog): \(Sys.errorText(errno))") }
             defer { Sys.close(output) }
+            let readiness: ReadinessPipe
+            let writeEnd: Int32
+            do {
+                (readiness, writeEnd) = try ReadinessPipe.make(reactor: reactor) { [weak self, weak vm] outcome in
+                    guard let self, let vm else { return }
+                    self.readinessReported(vm, outcome)
+                }
+            } catch {
+                throw SupervisorError(.failed, "cannot create a readiness pipe: \(error)")
+            }
             let arguments = [
                 "flotilla-vmm", "-config", vm.configFile, "-api-channel", "unix:\(vm.apiSocket)", "-daemonize",
                 "-pidfile", vm.pidfile, "-D", vm.logFile,
             ]
             let pid: pid_t
             do {
-                pid = try Spawner.spawn(path: options.vmmPath, arguments: arguments, outputFD: output)
+                defer { Sys.close(writeEnd) }
+                pid = try Spawner.spawn(
+                    path: options.vmmPath, arguments: arguments, outputFD: output, extraFDs: [writeEnd],
+                    environment: [Self.readinessVariable + "=3"])
             } catch {
+                readiness.close()
                 throw SupervisorError(.failed, "cannot start \(options.vmmPath): \(error)")
             }
             do {
-                vm.launcher = try ProcessWatch(pid: pid, reactor: reactor) { [weak self, weak vm] exit in
+                // Our child: its pid cannot be reused before we reap it through this pidfd.
+                vm.worker = try ProcessWatch(pid: pid, reactor: reactor) { [weak self, weak vm] exit in
                     guard let self, let vm else { return }
-                    self.launcherEnded(vm, exit)
+                    self.workerEnded(vm, exit)
                 }
             } catch {
+                readiness.close()
                 kill(pid, SIGKILL)
                 throw SupervisorError(.failed, "cannot watch \(options.vmmPath) (pid \(pid)): \(error)")
             }
+            vm.readiness = readiness
         } catch {
             vm.resolveStart(.failure(error))
             handleUnexpectedExit(vm, reason: error.message, failure: true)
         }
     }
 
-    private func launcherEnded(_ vm: ManagedVM, _ exit: ProcessExit) {
-        vm.launcher = nil
-        guard exit == .exited(0) else {
-            let output = Sys.readFile(vm.launchLog).map { String(decoding: $0, as: UTF8.self).trimmingCharactersInWhitespace() } ?? ""
-            let reason = "flotilla-vmm \(exit)" + (output.isEmpty ? "" : ": \(output)")
-            cleanRuntimeFiles(vm)
-            vm.resolveStart(.failure(SupervisorError(.failed, "VM \(vm.name) did not start: \(reason)")))
+    /// flotilla-vmm's variable naming the readiness pipe (see VMMWorker's Daemon).
+    static let readinessVariable = "FLOTILLA_DAEMON_READY_FD"
+
+    /// The worker's word on its readiness pipe.
+    private func readinessReported(_ vm: ManagedVM, _ outcome: ReadinessPipe.Outcome) {
+        vm.readiness = nil
+        guard let worker = vm.worker else { return }
+        switch outcome {
+        case .pending:
+            return
+        case .failed:
+            // The worker says why and exits; its exit (workerEnded) reports the failure.
+            // One that lingers anyway is ended, so the start cannot hang.
+            let pid = worker.pid
+            vm.startFailureTimer = reactor.after(options.stopTimeout) { [weak vm] in
+                guard let vm, let worker = vm.worker, worker.pid == pid else { return }
+                worker.signal(SIGKILL)
+            }
+            vm.pendingStartFailure = outcome
+        case .ready:
+            vm.startedAt = Sys.wallNow()
+            log.log(
+                .info, "started VM \(vm.name) (worker \(worker.pid))",
+                fields: ["VM_NAME": vm.name, "VM_PID": "\(worker.pid)", "FLOTILLA_EVENT": "vm-started"])
             if case .stop = vm.intent {
-                finishStop(vm, reason: reason)
-            } else {
-                handleUnexpectedExit(vm, reason: reason, failure: true)
+                beginStopSteps(vm)
+                return
             }
-            return
+            connectQMP(vm) { _ in }
         }
-        // The daemon wrote and locked its pidfile before it reported ready.
-        guard let finding = PidfileProbe.probe(vm.pidfile), let pid = finding.recordedPID else {
-            let reason = "flotilla-vmm reported ready but left no pidfile at \(vm.pidfile)"
-            vm.resolveStart(.failure(SupervisorError(.failed, reason)))
-            handleUnexpectedExit(vm, reason: reason, failure: true)
-            return
-        }
-        do {
-            // The daemon is our child now (re-parented to this subreaper), alive or a zombie,
-            // so its pid cannot have been reused.
-            vm.worker = try ProcessWatch(pid: pid, reactor: reactor) { [weak self, weak vm] exit in
-                guard let self, let vm else { return }
-                self.workerEnded(vm, exit)
-            }
-        } catch {
-            let reason = "cannot watch worker \(pid): \(error)"
-            vm.resolveStart(.failure(SupervisorError(.failed, reason)))
-            handleUnexpectedExit(vm, reason: reason, failure: true)
-            return
-        }
-        vm.startedAt = Sys.wallNow()
-        log.log(
-            .info, "started VM \(vm.name) (worker \(pid))",
-            fields: ["VM_NAME": vm.name, "VM_PID": "\(pid)", "FLOTILLA_EVENT": "vm-started"])
+    }
+
+    /// A worker that ended before it reported ready: the VM did not start.
+    private func startFailed(_ vm: ManagedVM, _ exit: ProcessExit, message: String) {
+        let launchOutput = Sys.readFile(vm.launchLog).map { String(decoding: $0, as: UTF8.self) } ?? ""
+        let output = (message + "\n" + launchOutput).trimmingCharactersInWhitespace()
+        let reason = "flotilla-vmm \(exit)" + (output.isEmpty ? "" : ": \(output)")
+        cleanRuntimeFiles(vm)
+        vm.resolveStart(.failure(SupervisorError(.failed, "VM \(vm.name) did not start: \(reason)")))
         if case .stop = vm.intent {
-            beginStopSteps(vm)
-            return
+            finishStop(vm, reason: reason)
+        } else {
+            handleUnexpectedExit(vm, reason: reason, failure: true)
         }
-        connectQMP(vm) { _ in }
     }
 
     /// Connects flotillad's QMP connection to the worker, asks its status and opens the
@@ -415,6 +435,24 @@ public final class Supervisor {
     private func workerEnded(_ vm: ManagedVM, _ exit: ProcessExit) {
         let pid = vm.worker?.pid ?? 0
         vm.worker = nil
+        reactor.cancel(vm.startFailureTimer)
+        vm.startFailureTimer = nil
+        if let readiness = vm.readiness {
+            // The exit may be seen before the pipe's last words: read them now.
+            vm.readiness = nil
+            readiness.readAvailable(notify: false)
+            readiness.close()
+            if readiness.outcome != .ready {
+                vm.pendingStartFailure = readiness.outcome
+            }
+        }
+        if let failure = vm.pendingStartFailure {
+            vm.pendingStartFailure = nil
+            var message = ""
+            if case .failed(let text) = failure { message = text }
+            startFailed(vm, exit, message: message)
+            return
+        }
         vm.startedAt = nil
         vm.qmp?.close()
         vm.qmp = nil
@@ -512,7 +550,7 @@ public final class Supervisor {
     func stopVM(_ vm: ManagedVM, done: @escaping () -> Void) {
         reactor.cancel(vm.restartTimer)
         vm.restartTimer = nil
-        if vm.worker == nil && vm.launcher == nil {
+        if vm.worker == nil {
             vm.state = .stopped
             vm.intent = .none
             reportStatus()
@@ -524,8 +562,8 @@ public final class Supervisor {
         vm.intent = .stop
         vm.state = .stopping
         reportStatus()
-        if vm.worker != nil { beginStopSteps(vm) }
-        // else: the launcher is still running; launcherEnded continues the stop.
+        // A worker still starting is stopped once it reports (readinessReported, or its exit).
+        if vm.readiness == nil && vm.pendingStartFailure == nil { beginStopSteps(vm) }
     }
 
     private func beginStopSteps(_ vm: ManagedVM) {
@@ -610,7 +648,7 @@ public final class Supervisor {
             done(.success(()))
         case .stopping:
             done(.failure(SupervisorError(.wrongState, "VM '\(vm.name)' is stopping; start it once it has stopped")))
-        case .starting where vm.launcher != nil || vm.worker != nil:
+        case .starting where vm.worker != nil:
             vm.startWaiters.append(done)
         case .starting, .stopped, .failed:
             vm.failureTimes = []
@@ -693,7 +731,7 @@ public final class Supervisor {
             }
             done()
         }
-        let running = vms.values.filter { $0.worker != nil || $0.launcher != nil }
+        let running = vms.values.filter { $0.worker != nil }
         guard options.stopVMsOnExit, !running.isEmpty else {
             finish()
             return

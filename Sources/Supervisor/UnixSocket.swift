@@ -127,6 +127,7 @@ final class JSONConnection {
     private var splitter = JSONStreamSplitter()
     private var outgoing: [UInt8] = []
     private var closeAfterFlush = false
+    private var watchingWritable = false
     var onPiece: (JSONStreamSplitter.Piece) -> Void = { _ in }
     var onClose: () -> Void = {}
     private(set) var isClosed = false
@@ -155,12 +156,16 @@ final class JSONConnection {
         while !isClosed {
             let count = reactor.readBuffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if count > 0 {
-                // Copied out before any handler runs, since a handler may read another connection.
-                let bytes = Array(reactor.readBuffer[0..<count])
-                for piece in splitter.append(bytes) {
+                // The splitter copies the bytes before any handler runs (a handler may read
+                // another connection into the same buffer).
+                let pieces = reactor.readBuffer.withUnsafeBufferPointer { splitter.append($0[0..<count]) }
+                for piece in pieces {
                     if isClosed { return }
                     onPiece(piece)
                 }
+                // A short read drained the socket: epoll is level-triggered and reports
+                // whatever arrives next, so no second recv just to see EAGAIN.
+                if count < reactor.readBuffer.count { return }
                 continue
             }
             if count < 0 && errno == EINTR { continue }
@@ -171,8 +176,28 @@ final class JSONConnection {
     }
 
     func send(_ message: JSONValue) {
+        send(framed: QMP.frame(message))
+    }
+
+    /// Sends bytes that already are one framed message (JSON text and CRLF).
+    func send(framed bytes: [UInt8]) {
         guard !isClosed else { return }
-        outgoing.append(contentsOf: QMP.frame(message))
+        if outgoing.isEmpty {
+            // The common case: nothing queued, so one send, and no copy into the queue
+            // unless the peer cannot take it all.
+            let count = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if count == bytes.count {
+                if closeAfterFlush { close() }
+                return
+            }
+            if count < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR {
+                close()
+                return
+            }
+            outgoing.append(contentsOf: bytes[max(0, count)...])
+        } else {
+            outgoing.append(contentsOf: bytes)
+        }
         if outgoing.count > Self.maximumQueuedBytes {
             close()
             return
@@ -195,15 +220,22 @@ final class JSONConnection {
             }
             if count < 0 && errno == EINTR { continue }
             if count < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-                if let token { reactor.modify(token, events: EPOLLIN.rawValue | EPOLLRDHUP.rawValue | EPOLLOUT.rawValue) }
+                watchWritable(true)
                 return
             }
             close()
             return
         }
         if isClosed { return }
-        if let token { reactor.modify(token, events: EPOLLIN.rawValue | EPOLLRDHUP.rawValue) }
+        watchWritable(false)
         if closeAfterFlush { close() }
+    }
+
+    /// EPOLLOUT only while something is queued; epoll_ctl only when that changes.
+    private func watchWritable(_ wanted: Bool) {
+        guard wanted != watchingWritable, let token else { return }
+        watchingWritable = wanted
+        reactor.modify(token, events: EPOLLIN.rawValue | EPOLLRDHUP.rawValue | (wanted ? EPOLLOUT.rawValue : 0))
     }
 
     func close() {

@@ -61,6 +61,16 @@ struct QMPMultiplexerTests {
         var raw = [UInt8](repeating: 0, count: 4096)
         let count = recv(clients[0].fd, &raw, raw.count, 0)
         #expect(String(decoding: raw[0..<max(0, count)], as: UTF8.self).contains("\"id\": 1.50}"))
+        // An id key spelled with an escape is an id all the same.
+        try clients[1].sendRaw("{\"execute\":\"query-status\",\"\\u0069d\":\"esc\"}\n")
+        var events: [JSONObject] = []
+        #expect(try clients[1].reply(events: &events)["id"] == "esc")
+        // No id asked, none answered: the wire id is cut out cleanly, leaving valid JSON.
+        try clients[2].sendRaw("{ \"execute\" : \"query-status\" }\n")
+        let plain = recv(clients[2].fd, &raw, raw.count, 0)
+        let text = String(decoding: raw[0..<max(0, plain)], as: UTF8.self)
+        #expect(!text.contains("\"id\""), "\(text)")
+        #expect(try JSONValue.parse(text.trimmingCharacters(in: .whitespacesAndNewlines)).objectValue?["return"] != nil, "\(text)")
     }
 
     @Test("events reach every negotiated client and no un-negotiated one; STOP/RESUME change the VM's state")

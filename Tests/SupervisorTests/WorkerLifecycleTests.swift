@@ -22,6 +22,11 @@ struct WorkerLifecycleTests {
         // The worker is its own session leader and inherited none of flotillad's descriptors
         // beyond what it opened itself.
         #expect(getsid(pid) == pid)
+        // One process start: flotilla-vmm ran as the daemon itself (no re-exec), so it is
+        // flotillad's own child, and it closed its readiness pipe once it reported ready.
+        #expect(parentPID(of: pid) == daemon.pid)
+        let descriptor3 = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/3")
+        #expect(descriptor3?.hasPrefix("pipe:") != true, "\(descriptor3 ?? "none")")
         let status = try daemon.status("vm1")
         #expect(status["restart_count"] == 0)
         #expect(status["qmp_socket"] == .string(directory + "/qmp.sock"))
@@ -97,6 +102,8 @@ struct WorkerLifecycleTests {
         #expect(status["restart_count"] == 2)
         let lastExit = status["last_exit"]?.stringValue ?? ""
         #expect(lastExit.contains("flotilla-vmm exited with status 2"), "\(lastExit)")
+        // The worker's own words, sent back through its readiness pipe.
+        #expect(lastExit.contains("flotilla-vmm exited with status 2: flotilla-vmm: "), "\(lastExit)")
         #expect(lastExit.contains("crash loop: 3 exits within 300 s (limit 2), not restarted"), "\(lastExit)")
         #expect(daemon.stderrText.contains("VM broken is failing repeatedly"))
         // An explicit start tries again (and reports why it fails).
@@ -142,4 +149,12 @@ struct WorkerLifecycleTests {
         #expect(try daemon.status("manual")["state"] == "stopped")
         #expect(try daemon.status("auto-a")["autostart"] == true)
     }
+}
+
+/// The parent of a live process, from /proc.
+func parentPID(of pid: pid_t) -> pid_t? {
+    guard let stat = readText("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return nil }
+    // After the command name: state, then ppid.
+    let fields = stat[stat.index(after: close)...].split(separator: " ")
+    return fields.count > 1 ? pid_t(fields[1]) : nil
 }
