@@ -21,6 +21,9 @@ public enum WorkerProcess {
 
     /// Runs the VM to its end and returns the process exit status.
     public static func run(config: VMConfig, runtime: RuntimeOptions) -> Int32 {
+        // Before any thread exists: one malloc arena (see fl_malloc.h; the seccomp filter
+        // depends on it).
+        _ = fl_malloc_single_arena()
         let readiness = DaemonReadiness.inherited()
         let log: VMMLog
         if let path = runtime.logFile {
