@@ -2,14 +2,22 @@ import SystemPackage
 
 /// The shape every VMM error area shares: a machine-readable code, a sentence for the user,
 /// and the underlying cause (often a ``SyscallError``) when there is one.
-public protocol VMMAreaError: Error, CustomStringConvertible, Sendable {
-    associatedtype Code: RawRepresentable, Sendable where Code.RawValue == String
-    var code: Code { get }
-    var message: String { get }
-    var cause: (any Error & Sendable)? { get }
-}
+///
+/// One generic type serves every area; each area is its own instantiation (``KVMError``,
+/// ``BootError``, ...) with its own code enumeration, so errors of different areas stay
+/// distinct types.
+public struct AreaError<Code: RawRepresentable & Sendable>: Error, CustomStringConvertible, Sendable
+where Code.RawValue == String {
+    public let code: Code
+    public let message: String
+    public let cause: (any Error & Sendable)?
 
-extension VMMAreaError {
+    public init(_ code: Code, _ message: String, cause: (any Error & Sendable)? = nil) {
+        self.code = code
+        self.message = message
+        self.cause = cause
+    }
+
     public var description: String {
         if let cause { return "\(message): \(cause)" }
         return message
@@ -30,82 +38,42 @@ public struct SyscallError: Error, CustomStringConvertible, Sendable {
 }
 
 /// Errors of the KVM handles (`/dev/kvm`, the VM and vCPU file descriptors).
-public struct KVMError: VMMAreaError {
-    public enum Code: String, Sendable {
-        case unavailable, apiVersion, missingCapability, ioctl, mmap
-    }
-    public let code: Code
-    public let message: String
-    public let cause: (any Error & Sendable)?
+public typealias KVMError = AreaError<KVMErrorCode>
 
-    public init(_ code: Code, _ message: String, cause: (any Error & Sendable)? = nil) {
-        self.code = code
-        self.message = message
-        self.cause = cause
-    }
+/// What went wrong, for ``KVMError``.
+public enum KVMErrorCode: String, Sendable {
+    case unavailable, apiVersion, missingCapability, ioctl, mmap
 }
 
 /// Errors of guest memory: mapping it, and every out-of-range guest address.
-public struct MemoryError: VMMAreaError {
-    public enum Code: String, Sendable {
-        case invalidSize, mapFailed, backingFile, outOfRange
-    }
-    public let code: Code
-    public let message: String
-    public let cause: (any Error & Sendable)?
+public typealias MemoryError = AreaError<MemoryErrorCode>
 
-    public init(_ code: Code, _ message: String, cause: (any Error & Sendable)? = nil) {
-        self.code = code
-        self.message = message
-        self.cause = cause
-    }
+/// What went wrong, for ``MemoryError``.
+public enum MemoryErrorCode: String, Sendable {
+    case invalidSize, mapFailed, backingFile, outOfRange
 }
 
 /// Errors of loading a kernel, an initrd and the boot structures.
-public struct BootError: VMMAreaError {
-    public enum Code: String, Sendable {
-        case unreadable, truncated, badMagic, unsupported, invalidHeader, tooLarge, commandLineTooLong,
-            placement
-    }
-    public let code: Code
-    public let message: String
-    public let cause: (any Error & Sendable)?
+public typealias BootError = AreaError<BootErrorCode>
 
-    public init(_ code: Code, _ message: String, cause: (any Error & Sendable)? = nil) {
-        self.code = code
-        self.message = message
-        self.cause = cause
-    }
+/// What went wrong, for ``BootError``.
+public enum BootErrorCode: String, Sendable {
+    case unreadable, truncated, badMagic, unsupported, invalidHeader, tooLarge, commandLineTooLong,
+        placement
 }
 
 /// Errors of vCPU set-up and of running a vCPU.
-public struct CPUError: VMMAreaError {
-    public enum Code: String, Sendable {
-        case setup, thread, run, guestFailure
-    }
-    public let code: Code
-    public let message: String
-    public let cause: (any Error & Sendable)?
+public typealias CPUError = AreaError<CPUErrorCode>
 
-    public init(_ code: Code, _ message: String, cause: (any Error & Sendable)? = nil) {
-        self.code = code
-        self.message = message
-        self.cause = cause
-    }
+/// What went wrong, for ``CPUError``.
+public enum CPUErrorCode: String, Sendable {
+    case setup, thread, run, guestFailure
 }
 
 /// Errors of building or driving the machine as a whole.
-public struct MachineError: VMMAreaError {
-    public enum Code: String, Sendable {
-        case invalidConfig, state, startFailed
-    }
-    public let code: Code
-    public let message: String
-    public let cause: (any Error & Sendable)?
+public typealias MachineError = AreaError<MachineErrorCode>
 
-    public init(_ code: Code, _ message: String, cause: (any Error & Sendable)? = nil) {
-        self.code = code
-        self.message = message
-        self.cause = cause
-    }
+/// What went wrong, for ``MachineError``.
+public enum MachineErrorCode: String, Sendable {
+    case invalidConfig, state, startFailed
 }

@@ -81,19 +81,11 @@ public final class VirtioInterrupt: Sendable {
 }
 
 /// Errors of building devices from the configuration.
-public struct DeviceError: VMMAreaError {
-    public enum Code: String, Sendable {
-        case setup, image, locked
-    }
-    public let code: Code
-    public let message: String
-    public let cause: (any Error & Sendable)?
+public typealias DeviceError = AreaError<DeviceErrorCode>
 
-    public init(_ code: Code, _ message: String, cause: (any Error & Sendable)? = nil) {
-        self.code = code
-        self.message = message
-        self.cause = cause
-    }
+/// What went wrong, for ``DeviceError``.
+public enum DeviceErrorCode: String, Sendable {
+    case setup, image, locked
 }
 
 /// The virtio-mmio transport of one slot (virtio 1.2 §4.2, version 2 only): the register
