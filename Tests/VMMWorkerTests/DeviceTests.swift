@@ -148,7 +148,18 @@ struct CPUIDTests {
         CPUIDEntry(function: 0xd, index: 0, flags: 1, eax: 0x7, ebx: 0x340, ecx: 0x340),
         CPUIDEntry(function: 0xd, index: 1, flags: 1, eax: 0xf),
         CPUIDEntry(function: 0x1f, index: 0, flags: 1, eax: 1),
+        CPUIDEntry(function: 0x4000_0001, eax: 0x01ff_ffff),
     ]
+
+    @Test("leaf 0x40000001: KVM PV features that need VMCALL hidden, MSR-based ones kept")
+    func kvmFeatures() throws {
+        let entries = CPUIDTemplate.configure(Self.host, index: 1, count: 2)
+        let leaf = try #require(entries.first { $0.function == 0x4000_0001 })
+        // PV_UNHALT (7), PV_SEND_IPI (11), PV_SCHED_YIELD (13), HC_MAP_GPA_RANGE (16) hidden.
+        #expect(leaf.eax & ((1 << 7) | (1 << 11) | (1 << 13) | (1 << 16)) == 0)
+        // CLOCKSOURCE2 (3), ASYNC_PF (4), STEAL_TIME (5), PV_EOI (6) kept.
+        #expect(leaf.eax & 0x78 == 0x78)
+    }
 
     @Test("leaf 1: APIC id, logical count, hypervisor bit; XSAVE, OSXSAVE, AVX, CX16 hidden", arguments: [(0, 1), (2, 4), (5, 6)])
     func leaf1(index: Int, count: Int) throws {

@@ -66,6 +66,18 @@ public enum CPUIDTemplate {
     static let leaf7ECXNeedsXSAVE: UInt32 = (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14)
     // Leaf 7.0 EDX: AVX512_4VNNIW (2), AVX512_4FMAPS (3), AMX (22, 24, 25), AVX512_FP16 (23).
     static let leaf7EDXNeedsXSAVE: UInt32 = (1 << 2) | (1 << 3) | (1 << 22) | (1 << 23) | (1 << 24) | (1 << 25)
+    /// KVM's paravirtual feature leaf (Documentation/virt/kvm/x86/cpuid.rst: KVM_CPUID_FEATURES
+    /// = 0x40000001, features in EAX).
+    static let kvmFeatureLeaf: UInt32 = 0x4000_0001
+    // KVM_CPUID_FEATURES EAX bits whose guest side issues VMCALL (hypercalls.rst):
+    // PV_UNHALT (7) → KVM_HC_KICK_CPU, PV_SEND_IPI (11) → KVM_HC_SEND_IPI, PV_SCHED_YIELD (13)
+    // → KVM_HC_SCHED_YIELD, HC_MAP_GPA_RANGE (16) → KVM_HC_MAP_GPA_RANGE. This host's
+    // emulator never completes a VMCALL (../shared/DESIGN.md), so a guest that uses any of
+    // them hangs: Linux 6.1 with PV_SEND_IPI sends every IPI by VMCALL, and its first AP
+    // stops in smp_callin() on the first IPI it sends. The MSR-based features (kvmclock,
+    // async PF, steal time, PV EOI, poll control) stay; qemu's default CPU models (qemu64)
+    // do not offer these four either, which is why SMP Linux comes up under qemu here.
+    static let kvmFeaturesNeedingHypercall: UInt32 = (1 << 7) | (1 << 11) | (1 << 13) | (1 << 16)
 
     /// Number of bits needed for `count` distinct ids (ceil(log2(count))).
     static func idBits(_ count: Int) -> UInt32 {
@@ -114,6 +126,8 @@ public enum CPUIDTemplate {
                 entry.ebx = 0
                 entry.ecx = 0
                 entry.edx = 0
+            case kvmFeatureLeaf:
+                entry.eax &= ~kvmFeaturesNeedingHypercall
             case 0x8000_0001:
                 // AMD: CMP_LEGACY (ECX bit 1) and extended APIC space / topology hints would
                 // contradict the Intel-style topology; clear CMP_LEGACY.
