@@ -77,36 +77,15 @@ final class ConditionLock<Value>: @unchecked Sendable {
 /// Dedicated native threads for blocking work (KVM_RUN): not Dispatch, not the Swift
 /// concurrency pool.
 enum NativeThread {
-    private final class Context {
-        let name: String
-        let body: @Sendable () -> Void
-        init(name: String, body: @escaping @Sendable () -> Void) {
-            self.name = name
-            self.body = body
-        }
-    }
-
     /// Starts a detached pthread named `name` (truncated to the kernel's 15 bytes).
     static func spawn(name: String, _ body: @escaping @Sendable () -> Void) throws {
-        let context = Unmanaged.passRetained(Context(name: name, body: body))
-        var attributes = pthread_attr_t()
-        pthread_attr_init(&attributes)
-        defer { pthread_attr_destroy(&attributes) }
-        pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
-        var thread = pthread_t()
-        let result = pthread_create(
-            &thread, &attributes,
-            { raw in
-                guard let raw else { return nil }
-                let context = Unmanaged<Context>.fromOpaque(raw).takeRetainedValue()
-                _ = fl_set_current_thread_name(context.name)
-                context.body()
-                return nil
-            }, context.toOpaque())
-        if result != 0 {
-            context.release()
-            throw CPUError(.thread, "cannot start thread \(name)", cause: SyscallError("pthread_create", .init(rawValue: result)))
+        let thread: pthread_t
+        do {
+            thread = try HostThread.spawn(name: name, body)
+        } catch {
+            throw CPUError(.thread, "cannot start thread \(name)", cause: error)
         }
+        pthread_detach(thread)
     }
 
     /// The kick signal (SIGRTMIN) with a do-nothing handler installed once per process,

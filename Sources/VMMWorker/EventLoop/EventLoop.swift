@@ -221,6 +221,11 @@ public final class EventLoop: Sendable {
 
     /// Runs the loop on a new thread named after the loop.
     public func startThread() throws(SyscallError) -> pthread_t {
-        try HostThread.spawn(name: name) { [self] in run() }
+        let thread = try HostThread.spawn(name: name) { [self] in run() }
+        // Return only once the thread runs the loop: a thread still starting makes system
+        // calls (rseq, set_robust_list, prctl) that the seccomp filter, installed right after
+        // start-up, would kill it for.
+        while state.withLock({ $0.runner == nil }) { usleep(50) }
+        return thread
     }
 }
