@@ -6,9 +6,9 @@ import Testing
 /// under flotilla-vmm and its own log must agree with docs/guest-abi.md. Slow (tens of seconds
 /// per boot under this host's emulated KVM): run by `Linux/run-tests`, skipped otherwise.
 ///
-/// Virtio devices are not implemented yet; when they are, their boots are further
-/// `LinuxBootPlan`s with `extraVMMArguments` (e.g. `-drive`) and `extraKernelArguments`
-/// (e.g. `root=/dev/vda`), asserting on the drivers' probe lines in the same `KernelLog`.
+/// Virtio devices get further `LinuxBootPlan`s with `extraVMMArguments` (e.g. `-drive`) and
+/// `extraKernelArguments` (e.g. `root=/dev/vda`), asserting on the drivers' probe lines in the
+/// same `KernelLog` and on host-side effects: virtio-blk in LinuxDiskTests.swift.
 @Suite(
     "Linux boots under flotilla-vmm",
     .enabled(if: LinuxKernel.available, LinuxKernel.skipReason),

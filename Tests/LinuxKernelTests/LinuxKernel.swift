@@ -49,6 +49,8 @@ struct LinuxTestError: Error, CustomStringConvertible {
 /// One VM to boot: the image, its size, and room for what later tests add (virtio devices as
 /// extra flotilla-vmm options, their kernel arguments such as `root=/dev/vda`, an initrd).
 struct LinuxBootPlan: Sendable, CustomTestStringConvertible {
+    /// Tells boots of the same image, vCPUs and memory apart (in the test name and the log file names).
+    var label: String?
     var format: ImageFormat
     var vcpus: Int
     var memoryMiB: Int
@@ -65,7 +67,7 @@ struct LinuxBootPlan: Sendable, CustomTestStringConvertible {
     var append: String { kernelArguments.joined(separator: " ") }
     var memoryBytes: UInt64 { UInt64(memoryMiB) << 20 }
 
-    var testDescription: String { "\(format.rawValue), \(vcpus) vCPU, \(memoryMiB) MiB" }
+    var testDescription: String { "\(format.rawValue), \(vcpus) vCPU, \(memoryMiB) MiB" + (label.map { ", \($0)" } ?? "") }
 
     func vmmArguments(kernel: String) -> [String] {
         var arguments = ["-kernel", kernel, "-smp", "\(vcpus)", "-m", "\(memoryMiB)M", "-serial", "stdio"]
@@ -90,9 +92,12 @@ struct LinuxBoot: Sendable {
         ("version line", "Linux version "),
         ("e820", "BIOS-e820: "),
         ("MP table", "Intel MultiProcessor Specification"),
-        ("8250", "serial8250: ttyS0"),
         ("smp brought up", "smp: Brought up "),
+        ("8250", "serial8250: ttyS0"),
+        ("virtio-blk", "virtio_blk virtio0: [vda] "),
+        ("root mounted", "VFS: Mounted root "),
         ("end of kernel init", "Freeing unused kernel image"),
+        ("init run", " as init process"),
         ("panic", "Kernel panic - not syncing"),
     ]
 
@@ -136,7 +141,7 @@ struct LinuxBoot: Sendable {
     /// Writes the serial log and the VMM's standard error next to each other for inspection,
     /// and prints the milestone times.
     func keep() {
-        let name = "flotilla-linux-\(plan.format.rawValue)-\(plan.vcpus)cpu-\(plan.memoryMiB)M"
+        let name = "flotilla-linux-\(plan.format.rawValue)-\(plan.vcpus)cpu-\(plan.memoryMiB)M" + (plan.label.map { "-\($0)" } ?? "")
         let directory = (getenv("FLOTILLA_LINUX_LOG_DIR").map { String(cString: $0) }) ?? NSTemporaryDirectory()
         try? log.text.write(toFile: directory + "/" + name + ".serial.log", atomically: true, encoding: .utf8)
         try? standardError.write(toFile: directory + "/" + name + ".stderr.log", atomically: true, encoding: .utf8)
@@ -189,6 +194,18 @@ struct KernelLog: Sendable {
             let type = body[body.index(after: close)...].trimmingCharacters(in: .whitespaces)
             return E820Entry(first: first, last: last, type: type)
         }
+    }
+
+    /// What virtio_blk printed for each disk it probed, by disk name (`vda`):
+    /// `virtio_blk virtioK: [vda] N 512-byte logical blocks (...)`.
+    var virtioBlockDisks: [String: (device: String, sectors: UInt64)] {
+        var disks: [String: (device: String, sectors: UInt64)] = [:]
+        for line in lines where line.hasPrefix("virtio_blk virtio") && line.contains(" 512-byte logical blocks") {
+            let words = line.split(separator: " ")
+            guard words.count >= 4, words[2].hasPrefix("["), words[2].hasSuffix("]"), let sectors = UInt64(words[3]) else { continue }
+            disks[String(words[2].dropFirst().dropLast())] = (String(words[1].dropLast()), sectors)
+        }
+        return disks
     }
 
     /// N from `smp: Brought up 1 node, N CPUs`.
