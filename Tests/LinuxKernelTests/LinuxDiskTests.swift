@@ -18,7 +18,10 @@ extension LinuxBootTests {
         defer { directory.remove() }
         let root = directory.file("root.ext4")
         let raw = directory.file("ro.raw")
-        try DiskImage.makeExt4(root, mebibytes: 48)
+        // Its /sbin/init proves userspace I/O where userspace can run (hardware virtualization);
+        // here the boot ends when the kernel starts it.
+        let nonce = String(UInt64.random(in: 0...UInt64.max), radix: 16)
+        try DiskImage.makeExt4(root, mebibytes: 48, contents: try DiskImage.userspaceRoot(in: directory.path, nonce: nonce))
         let pattern = Array("flotilla read-only disk\n".utf8)
         let rawBytes = Data((0..<Self.rawDiskBytes).map { pattern[$0 % pattern.count] })
         try rawBytes.write(to: URL(fileURLWithPath: raw))
@@ -54,14 +57,23 @@ extension LinuxBootTests {
             log.first("VFS: Mounted root ")?.hasPrefix("VFS: Mounted root (ext4 filesystem) on device ") == true,
             "\(log.all(containing: "VFS:"))")
         #expect(!log.contains("I/O error"), "\(log.all(containing: "I/O error"))")
-        try Self.expectEndAtInit(boot, fwait: true)
+        if HardwareVirtualization.available {
+            // Userspace read the host's nonce from the disk and wrote its proof, then rebooted.
+            #expect(boot.status == 0, "\(boot.tail)")
+            #expect(try DiskImage.read("/userspace-proof", in: root) == "userspace read \(nonce)\n")
+        } else {
+            try Self.expectEndAtInit(boot, fwait: true, initOnDisk: true)
+        }
 
         // The host sees the kernel's writes: the superblock's mount count and mount time, and
         // the journal in use (needs_recovery, as the VM ended without unmounting) ...
         let after = try DiskImage.superblock(root)
         #expect(after["Mount count"] == "1", "before: \(before)\nafter: \(after)")
         #expect(after["Last mount time"] != before["Last mount time"], "before: \(before)\nafter: \(after)")
-        #expect(after["Filesystem features"]?.split(separator: " ").contains("needs_recovery") == true, "\(after)")
+        // (Where userspace ran, init remounted the root read-only first, which checkpoints the
+        // journal so that debugfs sees the proof file in place.)
+        let needsRecovery = after["Filesystem features"]?.split(separator: " ").contains("needs_recovery") == true
+        #expect(needsRecovery == !HardwareVirtualization.available, "\(after)")
         // ... the file system is consistent ...
         let check = try DiskImage.fsck(root)
         #expect(check.status == 0, "e2fsck -fn: \(check.standardOutput)\(check.standardError)")
@@ -78,7 +90,10 @@ extension LinuxBootTests {
         let directory = try TemporaryDirectory("flotilla-linux-disks")
         defer { directory.remove() }
         let root = directory.file("ro.ext4")
-        try DiskImage.makeExt4(root, mebibytes: 48)
+        // Its /sbin/init proves userspace I/O where userspace can run (hardware virtualization);
+        // here the boot ends when the kernel starts it.
+        let nonce = String(UInt64.random(in: 0...UInt64.max), radix: 16)
+        try DiskImage.makeExt4(root, mebibytes: 48, contents: try DiskImage.userspaceRoot(in: directory.path, nonce: nonce))
         let bytes = try Data(contentsOf: URL(fileURLWithPath: root))
 
         let plan = LinuxBootPlan(
@@ -127,14 +142,22 @@ extension LinuxBootTests {
     /// `Run /sbin/init as init process`: an FWAIT (the tail of the kernel's FNSAVE of the init
     /// task's FPU state) it cannot emulate, which flotilla-vmm reports as a KVM internal error,
     /// with the instruction bytes, and exits 3. With hardware virtualization both panic.
-    static func expectEndAtInit(_ boot: LinuxBoot, fwait: Bool) throws {
+    /// `initOnDisk`: the root holds an /sbin/init. The emulator's FWAIT then stops the kernel a
+    /// little earlier, after the root is mounted but before "Run /sbin/init" reaches the console.
+    static func expectEndAtInit(_ boot: LinuxBoot, fwait: Bool, initOnDisk: Bool = false) throws {
         let log = boot.log
         #expect(!boot.timedOut, "\(boot.tail)")
         #expect(!log.contains("WARNING:"), "\(log.all(containing: "WARNING:"))")
         #expect(!log.contains("BUG:"), "\(log.all(containing: "BUG:"))")
-        #expect(log.index(of: "Run /sbin/init as init process") ?? 0 > log.index(of: "VFS: Mounted root ") ?? .max, "\(boot.tail)")
+        if !initOnDisk {
+            #expect(log.index(of: "Run /sbin/init as init process") ?? 0 > log.index(of: "VFS: Mounted root ") ?? .max, "\(boot.tail)")
+        }
         if fwait && !HardwareVirtualization.available {
-            #expect(log.lines.last == "Run /sbin/init as init process", "\(boot.tail)")
+            if initOnDisk {
+                #expect(log.index(of: "VFS: Mounted root ") != nil, "\(boot.tail)")
+            } else {
+                #expect(log.lines.last == "Run /sbin/init as init process", "\(boot.tail)")
+            }
             #expect(!log.contains("Kernel panic"), "\(boot.tail)")
             #expect(boot.status == 3, "\(boot.tail)")
             #expect(
@@ -161,12 +184,13 @@ enum DiskImage {
         throw LinuxTestError("\(name) not found (Debian package e2fsprogs)")
     }
 
-    /// A sparse file of `mebibytes` MiB holding a fresh ext4 file system.
-    static func makeExt4(_ path: String, mebibytes: Int) throws {
+    /// A sparse file of `mebibytes` MiB holding a fresh ext4 file system, populated from the
+    /// directory `contents` when given (`mkfs.ext4 -d`).
+    static func makeExt4(_ path: String, mebibytes: Int, contents: String? = nil) throws {
         guard FileManager.default.createFile(atPath: path, contents: nil), truncate(path, off_t(mebibytes) << 20) == 0 else {
             throw LinuxTestError("cannot create \(path)")
         }
-        let result = try run(try tool("mkfs.ext4"), ["-q", "-F", path])
+        let result = try run(try tool("mkfs.ext4"), ["-q", "-F"] + (contents.map { ["-d", $0] } ?? []) + [path])
         guard result.status == 0 else { throw LinuxTestError("mkfs.ext4 \(path): \(result.standardError)") }
     }
 
@@ -180,6 +204,40 @@ enum DiskImage {
             fields[String(line[..<colon])] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
         }
         return fields
+    }
+
+    /// The contents of the file at `path` inside the ext4 image, read with debugfs.
+    static func read(_ file: String, in image: String) throws -> String {
+        let result = try run(try tool("debugfs"), ["-R", "cat \(file)", image])
+        guard result.status == 0 else { throw LinuxTestError("debugfs cat \(file): \(result.standardError)") }
+        return result.standardOutput
+    }
+
+    /// A root file system whose /sbin/init (busybox sh) reads `/host-nonce`, writes
+    /// `/userspace-proof` with it, syncs and reboots: the userspace half of the disk check,
+    /// which runs only where the CPU lets Linux run userspace. Needs Debian's busybox-static.
+    static func userspaceRoot(in directory: String, nonce: String) throws -> String {
+        let root = directory + "/rootfs"
+        let fileManager = FileManager.default
+        for path in ["bin", "sbin", "proc", "dev"] {
+            try fileManager.createDirectory(atPath: root + "/" + path, withIntermediateDirectories: true)
+        }
+        guard fileManager.fileExists(atPath: "/bin/busybox") else {
+            throw LinuxTestError("/bin/busybox not found (Debian package busybox-static)")
+        }
+        try fileManager.copyItem(atPath: "/bin/busybox", toPath: root + "/bin/busybox")
+        let initScript = """
+            #!/bin/busybox sh
+            /bin/busybox echo "userspace read $(/bin/busybox cat /host-nonce)" > /userspace-proof
+            /bin/busybox sync
+            /bin/busybox mount -o remount,ro /
+            /bin/busybox reboot -f
+
+            """
+        try initScript.write(toFile: root + "/sbin/init", atomically: true, encoding: .utf8)
+        guard chmod(root + "/sbin/init", 0o755) == 0 else { throw LinuxTestError("chmod /sbin/init: errno \(errno)") }
+        try nonce.write(toFile: root + "/host-nonce", atomically: true, encoding: .utf8)
+        return root
     }
 
     /// A forced, read-only check: status 0 means clean.
