@@ -183,8 +183,21 @@ public enum JSONConfig {
                 layer.vsock = VsockConfig(id: try requiredString(vsock, "vsock_id", "vsock"), guestCID: cid)
             }
             if let value = root["serial"] {
-                let serial = try object(value, "serial", allowed: ["stdio"])
-                layer.serial = SerialConfig(stdio: try bool(serial, "stdio", "serial") ?? false)
+                let serial = try object(value, "serial", allowed: ["stdio", "socket_path"])
+                let stdio = try bool(serial, "stdio", "serial") ?? false
+                var socketPath: String?
+                if serial["socket_path"] != nil {
+                    let path = try requiredString(serial, "socket_path", "serial")
+                    try ConfigRules.checkSocketPath(path, field: field("serial.socket_path"))
+                    socketPath = path
+                }
+                if stdio, let socketPath {
+                    throw ConfigError(
+                        field: field("serial.socket_path"), value: socketPath,
+                        problem: "the serial port goes to one place, and serial.stdio is true",
+                        allowed: "either \"stdio\": true or \"socket_path\"")
+                }
+                layer.serial = SerialConfig(stdio: stdio, socketPath: socketPath)
             }
             if let value = root["iothread"] {
                 for (index, element) in try array(value, "iothread").enumerated() {
@@ -259,7 +272,11 @@ extension VMConfig {
                 consoles.map { .object(["console_id": .string($0.id), "socket_path": .string($0.socketPath)]) })
         }
         if let vsock { root["vsock"] = .object(["vsock_id": .string(vsock.id), "guest_cid": .integer(vsock.guestCID)]) }
-        if let serial { root["serial"] = .object(["stdio": .bool(serial.stdio)]) }
+        if let serial {
+            var object: JSONObject = ["stdio": .bool(serial.stdio)]
+            if let path = serial.socketPath { object["socket_path"] = .string(path) }
+            root["serial"] = .object(object)
+        }
         if !iothreads.isEmpty { root["iothread"] = .array(iothreads.map { .object(["id": .string($0.id)]) }) }
         if let balloon { root["balloon"] = .object(["deflate_on_oom": .bool(balloon.deflateOnOOM)]) }
         if let rng {

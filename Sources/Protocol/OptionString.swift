@@ -9,23 +9,7 @@ struct OptionString {
     /// (`-smp 4` means `cpus=4`); anywhere else it is an error.
     init(_ text: String, option: String, impliedKey: String? = nil, allowedKeys: [String]) throws(ConfigError) {
         self.option = option
-        var elements: [String] = []
-        var current = ""
-        var characters = Array(text)[...]
-        while let character = characters.popFirst() {
-            if character == "," {
-                if characters.first == "," {
-                    characters.removeFirst()
-                    current.append(",")
-                } else {
-                    elements.append(current)
-                    current = ""
-                }
-            } else {
-                current.append(character)
-            }
-        }
-        elements.append(current)
+        let elements = Self.split(text)
         let allowedText = allowedKeys.joined(separator: ", ")
         for (index, element) in elements.enumerated() {
             let key: String
@@ -49,6 +33,28 @@ struct OptionString {
             }
             pairs.append((key, value))
         }
+    }
+
+    /// The comma-separated elements of `text`, `,,` standing for a literal comma.
+    static func split(_ text: String) -> [String] {
+        var elements: [String] = []
+        var current = ""
+        var characters = Array(text)[...]
+        while let character = characters.popFirst() {
+            if character == "," {
+                if characters.first == "," {
+                    characters.removeFirst()
+                    current.append(",")
+                } else {
+                    elements.append(current)
+                    current = ""
+                }
+            } else {
+                current.append(character)
+            }
+        }
+        elements.append(current)
+        return elements
     }
 
     subscript(key: String) -> String? {

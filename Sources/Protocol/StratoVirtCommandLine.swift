@@ -70,7 +70,11 @@ public enum StratoVirtCommandLine {
         .init(
             name: "api-channel", argument: "unix:PATH",
             help: "QMP control socket (path at most 107 bytes; must not exist)", repeatable: false),
-        .init(name: "serial", argument: "stdio", help: "8250 serial port (ttyS0) on standard input/output", repeatable: false),
+        .init(
+            name: "serial", argument: "stdio|unix:PATH,server,nowait",
+            help: "8250 serial port (ttyS0) on standard input/output, or served on a Unix socket (one client at a time; "
+                + "recent output replayed on connect; path at most 107 bytes, must not exist)",
+            repeatable: false),
         .init(name: "D", argument: "PATH", help: "log file", repeatable: false),
         .init(name: "pidfile", argument: "PATH", help: "pid file (only with -daemonize; must not exist)", repeatable: false),
         .init(name: "disable-seccomp", argument: nil, help: "run without the seccomp filter", repeatable: false),
@@ -241,8 +245,14 @@ public enum StratoVirtCommandLine {
                 runtime.apiChannelPath = path
             case "serial":
                 let text = try value(for: name)
-                guard text == "stdio" else { throw ConfigError(field: option, value: text, allowed: "stdio") }
-                layer.serial = SerialConfig(stdio: true)
+                if text == "stdio" {
+                    layer.serial = SerialConfig(stdio: true)
+                } else if text.hasPrefix("unix:") {
+                    let path = try SerialSocketOption.parse(String(text.dropFirst(5)), option: option)
+                    layer.serial = SerialConfig(stdio: false, socketPath: path)
+                } else {
+                    throw ConfigError(field: option, value: text, allowed: SerialSocketOption.allowed)
+                }
             case "D":
                 let path = try value(for: name)
                 try ConfigRules.checkPath(path, field: option)
@@ -297,5 +307,46 @@ public enum StratoVirtCommandLine {
         let config = try layer.overriding(base).build()
         try runtime.validate(for: config)
         return VMMInvocation(action: action, config: config, runtime: runtime)
+    }
+}
+
+/// `-serial unix:PATH,server,nowait` (QEMU's spelling; `server=on`, `wait=off` work too): the
+/// worker listens on PATH and never waits for a client before running the guest.
+enum SerialSocketOption {
+    static let allowed = "stdio, unix:PATH,server,nowait"
+
+    /// The path, from the text after `unix:`; `,,` stands for a literal comma in it.
+    static func parse(_ text: String, option: String) throws(ConfigError) -> String {
+        let elements = OptionString.split(text)
+        let path = elements.first ?? ""
+        guard !path.isEmpty else {
+            throw ConfigError(field: option, value: "unix:\(text)", problem: "the socket path is missing", allowed: allowed)
+        }
+        try ConfigRules.checkSocketPath(path, field: option)
+        var server = false
+        var noWait = false
+        for element in elements.dropFirst() {
+            switch element {
+            case "server", "server=on": server = true
+            case "nowait", "wait=off": noWait = true
+            case "server=off":
+                throw ConfigError(
+                    field: option, value: element, problem: "connecting to a console socket as a client is not supported",
+                    allowed: "server (flotilla-vmm listens)")
+            case "wait", "wait=on":
+                throw ConfigError(
+                    field: option, value: element, problem: "the VM never waits for a console client before it runs",
+                    allowed: "nowait")
+            default:
+                throw ConfigError(field: option, value: element, problem: "unknown flag", allowed: "server, nowait")
+            }
+        }
+        guard server && noWait else {
+            throw ConfigError(
+                field: option, value: "unix:\(text)",
+                problem: "flotilla-vmm serves the console itself and never waits for a client, so say so as QEMU would",
+                allowed: "unix:\(path),server,nowait")
+        }
+        return path
     }
 }

@@ -165,12 +165,17 @@ public struct VsockConfig: Sendable, Equatable {
     }
 }
 
-/// The 8250 serial port: JSON `serial`; CLI `-serial stdio`.
+/// The 8250 serial port: JSON `serial`; CLI `-serial stdio` or, as a Flotilla extension in
+/// QEMU's syntax, `-serial unix:PATH,server,nowait` (JSON `serial.socket_path`): the worker
+/// itself serves the console on a Unix socket, one client at a time.
 public struct SerialConfig: Sendable, Equatable {
     public var stdio: Bool
+    /// The console socket the worker listens on; nil for none.
+    public var socketPath: String?
 
-    public init(stdio: Bool) {
+    public init(stdio: Bool, socketPath: String? = nil) {
         self.stdio = stdio
+        self.socketPath = socketPath
     }
 }
 

@@ -113,14 +113,24 @@ private final class Worker: Sendable {
             for thread in iothreadThreads { HostThread.join(thread) }
         }
 
+        // -serial unix:PATH,server,nowait: the worker serves the console itself (ConsoleSocket).
+        let console: ConsoleSocket?
+        do {
+            console = try ConsoleSocket.make(for: config.serial, loop: loop)
+        } catch {
+            return startupFailure("-serial: \(error)")
+        }
+        defer { console?.close() }
+
         let vm: MicroVM
         do {
-            let output: FileDescriptor? = config.serial?.stdio == true ? .standardOutput : nil
+            let output: FileDescriptor? = config.serial?.stdio == true ? .standardOutput : console?.guestOutput
             let devices = try VirtioPlan.devices(for: config, mainLoop: loop, iothreads: iothreads)
             vm = try MicroVM(config: config, serialOutput: output, virtioSlots: VirtioPlan.slots(for: config), virtioDevices: devices)
         } catch {
             return startupFailure("cannot create the VM: \(error)")
         }
+        console?.setInputSink { vm.enqueueSerialInput($0) }
         for (name, iothread) in iothreads.sorted(by: { $0.key < $1.key }) {
             do {
                 iothreadThreads.append(try iothread.startThread())
