@@ -22,9 +22,12 @@ final class ControlServer {
     private var connections: [UInt64: JSONConnection] = [:]
     private var nextConnection: UInt64 = 1
 
-    init(path: String, supervisor: Supervisor) throws(SystemCallError) {
+    /// Listens on `path`, or on `activatedFD`, the listening socket systemd passed for it.
+    init(path: String, activatedFD: Int32? = nil, supervisor: Supervisor) throws(SystemCallError) {
         self.supervisor = supervisor
-        listener = try Listener(path: path, mode: 0o660, reactor: supervisor.reactor) { [weak self] fd in self?.accept(fd) }
+        listener = try Listener(path: path, mode: 0o660, inheritedFD: activatedFD, reactor: supervisor.reactor) { [weak self] fd in
+            self?.accept(fd)
+        }
     }
 
     func close() {

@@ -29,6 +29,12 @@ final class ManagedVM {
     /// The readiness pipe closed without `R`; the worker's exit finishes the failed start.
     var pendingStartFailure: ReadinessPipe.Outcome?
     var adopted = false
+    /// Kills a worker that is not QMP-ready within the start timeout.
+    var startTimeoutTimer: Reactor.Timer?
+    /// Set when the start timeout killed the worker: why, for its exit's reason.
+    var startTimeoutReason: String?
+    /// vm-delete is under way (stopping the worker, removing the document).
+    var deleting = false
     var qmp: WorkerQMPConnection?
     var multiplexer: QMPMultiplexer?
 
@@ -56,6 +62,8 @@ final class ManagedVM {
     var name: String { record.name }
     var pid: pid_t? { worker?.pid }
     var apiSocket: String { directory + "/api.sock" }
+    /// The guest's serial console, served by the worker itself (`-serial unix:...`).
+    var consoleSocket: String { directory + "/console.sock" }
     var qmpSocket: String { directory + "/qmp.sock" }
     var pidfile: String { directory + "/pid" }
     var logFile: String { directory + "/vm.log" }
@@ -64,7 +72,7 @@ final class ManagedVM {
 
     /// The longest runtime path of a VM (its sockets) must fit a Unix socket address.
     static func checkPaths(runtimeDirectory: String, name: String) throws(SupervisorError) {
-        let longest = "\(runtimeDirectory)/vms/\(name)/api.sock"
+        let longest = "\(runtimeDirectory)/vms/\(name)/console.sock"
         if longest.utf8.count > UnixSocket.maximumPathLength {
             throw SupervisorError(
                 .invalidArgument,
@@ -84,6 +92,7 @@ final class ManagedVM {
             "restart": .string(record.restart.rawValue),
             "autostart": .bool(record.autostart),
             "qmp_socket": multiplexer == nil ? .null : .string(qmpSocket),
+            "console_socket": worker == nil ? .null : .string(consoleSocket),
             "log": .string(logFile),
             "adopted": .bool(adopted),
         ]

@@ -23,6 +23,9 @@ public final class Supervisor {
         /// Stop every VM when flotillad itself is told to stop (default: leave them running,
         /// to be re-attached by the next flotillad).
         public var stopVMsOnExit = false
+        /// Seconds a starting worker has to become QMP-ready (readiness reported, greeting
+        /// and first reply through its api-channel) before it is killed as a failed start.
+        public var startTimeout: Double = 30
 
         public init(runtimeDirectory: String, stateDirectory: String, configDirectory: String?, vmmPath: String) {
             self.runtimeDirectory = runtimeDirectory
@@ -36,6 +39,10 @@ public final class Supervisor {
     let reactor: Reactor
     let log: SupervisorLog
     private let store: FleetStore
+    /// Fleet-store writes run on their own thread (fsync off the reactor).
+    private let writer: StoreWriter
+    /// Names whose vm-create is being written; taken, though not yet in `vms`.
+    private var creating: Set<String> = []
     var vms: [String: ManagedVM] = [:]
     private var control: ControlServer?
     private var reattachPending = 0
@@ -51,6 +58,7 @@ public final class Supervisor {
         self.log = log
         try Sys.makeDirectories(options.runtimeDirectory + "/vms", mode: 0o755)
         store = try FleetStore(stateDirectory: options.stateDirectory)
+        writer = try StoreWriter(store: store, reactor: reactor)
     }
 
     // MARK: - Start-up
@@ -60,6 +68,11 @@ public final class Supervisor {
     public func start() throws(SupervisorError) {
         if fl_become_child_subreaper() != 0 {
             log.log(.warning, "cannot become a child subreaper (\(Sys.errorText(errno))); exit statuses of workers will be unknown")
+        }
+        do {
+            try writer.start()
+        } catch {
+            throw SupervisorError(.failed, "cannot start the fleet-store writer: \(error)")
         }
         let loaded = store.load()
         for problem in loaded.problems { log.log(.error, "fleet store: \(problem)") }
@@ -75,10 +88,14 @@ public final class Supervisor {
             case .none: if vm.record.autostart { toStart.append(vm) }
             }
         }
+        let activated = try SocketActivation.controlSocket(expectedPath: controlSocketPath)
         do {
-            control = try ControlServer(path: controlSocketPath, supervisor: self)
+            control = try ControlServer(path: controlSocketPath, activatedFD: activated, supervisor: self)
         } catch {
             throw SupervisorError(.failed, "cannot listen on \(controlSocketPath): \(error)")
+        }
+        if activated != nil {
+            log.log(.info, "control socket \(controlSocketPath) taken from the service manager (socket activation)")
         }
         for vm in toStart { startWorker(vm) }
         startWatchdog()
@@ -224,7 +241,7 @@ public final class Supervisor {
     // MARK: - Workers
 
     private func cleanRuntimeFiles(_ vm: ManagedVM) {
-        for path in [vm.apiSocket, vm.qmpSocket, vm.configFile] { Sys.unlinkIfPresent(path) }
+        for path in [vm.apiSocket, vm.qmpSocket, vm.consoleSocket, vm.configFile] { Sys.unlinkIfPresent(path) }
         // Never remove a pidfile that a live process still holds.
         if let finding = PidfileProbe.probe(vm.pidfile), finding.lockHolder == nil { Sys.unlinkIfPresent(vm.pidfile) }
     }
@@ -276,7 +293,7 @@ public final class Supervisor {
             }
             let arguments = [
                 "flotilla-vmm", "-config", vm.configFile, "-api-channel", "unix:\(vm.apiSocket)", "-daemonize",
-                "-pidfile", vm.pidfile, "-D", vm.logFile,
+                "-pidfile", vm.pidfile, "-D", vm.logFile, "-serial", "unix:\(vm.consoleSocket),server,nowait",
             ]
             let pid: pid_t
             do {
@@ -300,10 +317,38 @@ public final class Supervisor {
                 throw SupervisorError(.failed, "cannot watch \(options.vmmPath) (pid \(pid)): \(error)")
             }
             vm.readiness = readiness
+            armStartTimeout(vm, pid: pid)
         } catch {
             vm.resolveStart(.failure(error))
             handleUnexpectedExit(vm, reason: error.message, failure: true)
         }
+    }
+
+    /// A worker not QMP-ready within `startTimeout` is killed; its exit then goes through the
+    /// failed-start path and the restart policy, with the timeout as the reason.
+    private func armStartTimeout(_ vm: ManagedVM, pid: pid_t) {
+        reactor.cancel(vm.startTimeoutTimer)
+        vm.startTimeoutReason = nil
+        let timeout = options.startTimeout
+        vm.startTimeoutTimer = reactor.after(timeout) { [weak self, weak vm] in
+            guard let self, let vm, let worker = vm.worker, worker.pid == pid else { return }
+            vm.startTimeoutTimer = nil
+            let reason = "start timed out: not QMP-ready within \(Self.seconds(timeout)) s (--start-timeout); killed"
+            vm.startTimeoutReason = reason
+            self.log.log(
+                .error, "VM \(vm.name) worker \(pid): \(reason)",
+                fields: ["VM_NAME": vm.name, "VM_PID": "\(pid)", "FLOTILLA_EVENT": "vm-start-timeout"])
+            worker.signal(SIGKILL)
+        }
+    }
+
+    private func cancelStartTimeout(_ vm: ManagedVM) {
+        reactor.cancel(vm.startTimeoutTimer)
+        vm.startTimeoutTimer = nil
+    }
+
+    static func seconds(_ value: Double) -> String {
+        value == value.rounded() && abs(value) < 1e15 ? String(Int64(value)) : String(value)
     }
 
     /// flotilla-vmm's variable naming the readiness pipe (see VMMWorker's Daemon).
@@ -342,7 +387,11 @@ public final class Supervisor {
     private func startFailed(_ vm: ManagedVM, _ exit: ProcessExit, message: String) {
         let launchOutput = Sys.readFile(vm.launchLog).map { String(decoding: $0, as: UTF8.self) } ?? ""
         let output = (message + "\n" + launchOutput).trimmingCharactersInWhitespace()
-        let reason = "flotilla-vmm \(exit)" + (output.isEmpty ? "" : ": \(output)")
+        var reason = "flotilla-vmm \(exit)" + (output.isEmpty ? "" : ": \(output)")
+        if let timeout = vm.startTimeoutReason {
+            vm.startTimeoutReason = nil
+            reason = "\(timeout) (\(reason))"
+        }
         cleanRuntimeFiles(vm)
         vm.resolveStart(.failure(SupervisorError(.failed, "VM \(vm.name) did not start: \(reason)")))
         if case .stop = vm.intent {
@@ -357,6 +406,13 @@ public final class Supervisor {
     private func connectQMP(_ vm: ManagedVM, done: @escaping (Result<Void, SupervisorError>) -> Void) {
         let finish: (Result<Void, SupervisorError>) -> Void = { [weak self, weak vm] result in
             guard let self, let vm else { return }
+            self.cancelStartTimeout(vm)
+            if let timeout = vm.startTimeoutReason {
+                // The start timeout killed the worker, which closed its QMP connection.
+                vm.resolveStart(.failure(SupervisorError(.failed, "VM \(vm.name): \(timeout)")))
+                done(result)
+                return
+            }
             if case .failure = result, vm.worker != nil, vm.state == .starting {
                 // The worker runs but its QMP is unusable: it is still the VM's process.
                 vm.state = .running
@@ -437,6 +493,7 @@ public final class Supervisor {
         vm.worker = nil
         reactor.cancel(vm.startFailureTimer)
         vm.startFailureTimer = nil
+        cancelStartTimeout(vm)
         if let readiness = vm.readiness {
             // The exit may be seen before the pipe's last words: read them now.
             vm.readiness = nil
@@ -463,6 +520,10 @@ public final class Supervisor {
         cleanRuntimeFiles(vm)
         var reason = exit.description
         if let shutdown = vm.shutdownReason { reason += " after SHUTDOWN (\(shutdown))" }
+        if let timeout = vm.startTimeoutReason {
+            vm.startTimeoutReason = nil
+            reason = "\(timeout) (\(reason))"
+        }
         if vm.stopSteps.count > 1 { reason += "; stop steps: " + vm.stopSteps.joined(separator: ", ") }
         var failure = exit.isFailure
         // An adopted worker's status is unknown; a SHUTDOWN event says it ended cleanly.
@@ -622,27 +683,44 @@ public final class Supervisor {
         return vm
     }
 
+    /// Stores the VM's document durably (on the store writer's thread), and only then adds
+    /// the VM and answers; the name is taken meanwhile.
     func create(_ record: VMRecord, start: Bool, done: @escaping (Result<JSONValue, SupervisorError>) -> Void) {
         do throws(SupervisorError) {
-            guard vms[record.name] == nil else { throw SupervisorError(.alreadyExists, "a VM named '\(record.name)' exists already") }
+            guard vms[record.name] == nil, !creating.contains(record.name) else {
+                throw SupervisorError(.alreadyExists, "a VM named '\(record.name)' exists already")
+            }
             try ManagedVM.checkPaths(runtimeDirectory: options.runtimeDirectory, name: record.name)
-            try saveRecord(record)
         } catch {
             done(.failure(error))
             return
         }
-        let vm = ManagedVM(record: record, runtimeDirectory: options.runtimeDirectory)
-        vms[record.name] = vm
-        log.log(.info, "created VM \(record.name)", fields: ["VM_NAME": record.name, "FLOTILLA_EVENT": "vm-created"])
-        reportStatus()
-        if start {
-            self.start(vm) { result in done(result.map { vm.status }) }
-        } else {
-            done(.success(vm.status))
+        creating.insert(record.name)
+        writer.submit(.save(record)) { [weak self] result in
+            guard let self else { return }
+            self.creating.remove(record.name)
+            if case .failure(let error) = result {
+                self.log.log(.error, "cannot store VM \(record.name): \(error)", fields: ["VM_NAME": record.name])
+                done(.failure(SupervisorError(.failed, "cannot store VM \(record.name): \(error)")))
+                return
+            }
+            let vm = ManagedVM(record: record, runtimeDirectory: self.options.runtimeDirectory)
+            self.vms[record.name] = vm
+            self.log.log(.info, "created VM \(record.name)", fields: ["VM_NAME": record.name, "FLOTILLA_EVENT": "vm-created"])
+            self.reportStatus()
+            if start {
+                self.start(vm) { result in done(result.map { vm.status }) }
+            } else {
+                done(.success(vm.status))
+            }
         }
     }
 
     func start(_ vm: ManagedVM, done: @escaping (Result<Void, SupervisorError>) -> Void) {
+        if vm.deleting {
+            done(.failure(SupervisorError(.wrongState, "VM '\(vm.name)' is being deleted")))
+            return
+        }
         switch vm.state {
         case .running, .paused:
             done(.success(()))
@@ -664,23 +742,40 @@ public final class Supervisor {
         }
     }
 
+    /// Stops the VM, removes its document durably (on the store writer's thread), then its
+    /// files; answers once all is done.
     func delete(_ vm: ManagedVM, done: @escaping (Result<Void, SupervisorError>) -> Void) {
+        guard !vm.deleting else {
+            done(.failure(SupervisorError(.wrongState, "VM '\(vm.name)' is being deleted already")))
+            return
+        }
+        vm.deleting = true
         stopVM(vm) { [weak self, weak vm] in
             guard let self, let vm else { return }
-            do {
-                try self.store.delete(vm.name)
-            } catch {
-                done(.failure(SupervisorError(.failed, "cannot delete VM \(vm.name): \(error)")))
-                return
+            self.writer.submit(.delete(vm.name)) { [weak self, weak vm] result in
+                guard let self, let vm else { return }
+                self.finishDelete(vm, result, done: done)
             }
-            self.cleanRuntimeFiles(vm)
-            for path in [vm.logFile, vm.launchLog] { Sys.unlinkIfPresent(path) }
-            _ = rmdir(vm.directory)
-            self.vms[vm.name] = nil
-            self.log.log(.info, "deleted VM \(vm.name)", fields: ["VM_NAME": vm.name, "FLOTILLA_EVENT": "vm-deleted"])
-            self.reportStatus()
-            done(.success(()))
         }
+    }
+
+    private func finishDelete(
+        _ vm: ManagedVM, _ result: Result<Void, SystemCallError>, done: @escaping (Result<Void, SupervisorError>) -> Void
+    ) {
+        do {
+            try result.get()
+        } catch {
+            vm.deleting = false
+            done(.failure(SupervisorError(.failed, "cannot delete VM \(vm.name): \(error)")))
+            return
+        }
+        cleanRuntimeFiles(vm)
+        for path in [vm.logFile, vm.launchLog] { Sys.unlinkIfPresent(path) }
+        _ = rmdir(vm.directory)
+        vms[vm.name] = nil
+        log.log(.info, "deleted VM \(vm.name)", fields: ["VM_NAME": vm.name, "FLOTILLA_EVENT": "vm-deleted"])
+        reportStatus()
+        done(.success(()))
     }
 
     // MARK: - systemd
@@ -729,7 +824,8 @@ public final class Supervisor {
                 vm.multiplexer?.close()
                 vm.qmp?.close()
             }
-            done()
+            // Writes under way finish first: what a client was told is stored, is.
+            self.writer.whenIdle(done)
         }
         let running = vms.values.filter { $0.worker != nil }
         guard options.stopVMsOnExit, !running.isEmpty else {

@@ -116,3 +116,32 @@ public final class SupervisorLog {
         }
     }
 }
+
+/// Socket activation (systemd/flotillad.socket): the control socket as a listening
+/// descriptor passed by the service manager (LISTEN_FDS, LISTEN_PID; sd_listen_fds), so
+/// clients can connect while flotillad restarts.
+enum SocketActivation {
+    /// The passed control socket, or nil when flotillad was not socket-activated (it then
+    /// binds the socket itself). The LISTEN_* variables are consumed either way.
+    static func controlSocket(expectedPath: String) throws(SupervisorError) -> Int32? {
+        let count = fl_sd_listen_fds()
+        guard count >= 0 else {
+            throw SupervisorError(.failed, "socket activation: cannot take the passed sockets: \(Sys.errorText(-count))")
+        }
+        guard count > 0 else { return nil }
+        guard count == 1 else {
+            throw SupervisorError(
+                .failed,
+                "socket activation: \(count) sockets were passed; allowed: exactly one, the control socket "
+                    + "(ListenStream=\(expectedPath))")
+        }
+        let fd: Int32 = 3  // SD_LISTEN_FDS_START
+        guard fl_sd_is_listening_unix_socket(fd, expectedPath) > 0 else {
+            throw SupervisorError(
+                .failed,
+                "socket activation: the passed socket is not a listening Unix stream socket bound to \(expectedPath); "
+                    + "allowed: ListenStream= naming <--runtime-dir>/control.sock")
+        }
+        return fd
+    }
+}

@@ -81,11 +81,26 @@ final class Listener {
     private let fd: Int32
     private let reactor: Reactor
     private var token: Reactor.Token?
+    /// The socket file is ours to remove (false for a socket the service manager passed:
+    /// it stays bound for the next flotillad).
+    private let ownsPath: Bool
 
-    init(path: String, mode: mode_t, reactor: Reactor, onAccept: @escaping (Int32) -> Void) throws(SystemCallError) {
+    /// Listens on `path`; with `inheritedFD` (socket activation) on that already listening
+    /// socket instead, which is made non-blocking.
+    init(path: String, mode: mode_t, inheritedFD: Int32? = nil, reactor: Reactor, onAccept: @escaping (Int32) -> Void)
+        throws(SystemCallError)
+    {
         self.path = path
         self.reactor = reactor
-        fd = try UnixSocket.listen(path: path, mode: mode)
+        if let inheritedFD {
+            _ = try Sys.once("fcntl O_NONBLOCK") { fcntl(inheritedFD, F_SETFL, fcntl(inheritedFD, F_GETFL) | O_NONBLOCK) }
+            _ = fcntl(inheritedFD, F_SETFD, FD_CLOEXEC)
+            fd = inheritedFD
+            ownsPath = false
+        } else {
+            fd = try UnixSocket.listen(path: path, mode: mode)
+            ownsPath = true
+        }
         let listenFD = fd
         do {
             token = try reactor.add(fd: fd, events: EPOLLIN.rawValue) { _ in
@@ -100,18 +115,18 @@ final class Listener {
             }
         } catch {
             Sys.close(fd)
-            _ = unlink(path)
+            if ownsPath { _ = unlink(path) }
             throw error
         }
     }
 
-    /// Stops listening and removes the socket file.
+    /// Stops listening and removes the socket file (unless the service manager owns it).
     func close() {
         guard let token else { return }
         reactor.remove(token)
         self.token = nil
         Sys.close(fd)
-        _ = unlink(path)
+        if ownsPath { _ = unlink(path) }
     }
 }
 

@@ -82,6 +82,11 @@ public struct VMRecord: Sendable, Equatable {
         if config.serial?.stdio == true {
             throw .invalid("\(source): serial.stdio", "true", "false (a supervised VM has no terminal)")
         }
+        if let path = config.serial?.socketPath {
+            throw .invalid(
+                "\(source): serial.socket_path", path,
+                "no socket_path: flotillad serves every VM's console at <runtime-dir>/vms/<name>/console.sock")
+        }
         self.init(name: name, autostart: autostart, restart: restart, config: config)
     }
 

@@ -83,7 +83,8 @@ enum Render {
             ("name", text(object["name"])), ("state", text(object["state"])), ("pid", text(object["pid"])),
             ("uptime", uptime(object["uptime"])), ("restarts", text(object["restart_count"])),
             ("restart policy", text(object["restart"])), ("autostart", text(object["autostart"])),
-            ("last exit", text(object["last_exit"])), ("qmp socket", text(object["qmp_socket"])), ("log", text(object["log"])),
+            ("last exit", text(object["last_exit"])), ("qmp socket", text(object["qmp_socket"])),
+            ("console socket", text(object["console_socket"])), ("log", text(object["log"])),
         ]
         let width = fields.map(\.0.count).max() ?? 0
         return fields.map { $0.0 + ":" + String(repeating: " ", count: width - $0.0.count + 1) + $0.1 }.joined(separator: "\n")
@@ -97,7 +98,7 @@ enum Render {
 struct Flotillactl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "flotillactl", abstract: "Controls flotillad, the Flotilla fleet supervisor.",
-        subcommands: [List.self, Status.self, Create.self, Start.self, Stop.self, Restart.self, Delete.self])
+        subcommands: [List.self, Status.self, Create.self, Start.self, Stop.self, Restart.self, Delete.self, Console.self])
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Lists the fleet: every VM with its state.")

@@ -25,6 +25,9 @@ struct Flotillad: ParsableCommand {
     @Option(help: "Seconds between the stop steps: QMP quit, SIGTERM, SIGKILL.")
     var stopTimeout: Double = 10
 
+    @Option(help: "Seconds a starting worker has to become QMP-ready before it is killed as a failed start.")
+    var startTimeout: Double = 30
+
     @Option(help: "First restart delay in seconds; doubles with each recent failure.")
     var restartDelay: Double = 1
 
@@ -50,6 +53,9 @@ struct Flotillad: ParsableCommand {
         where !(value >= 0 && value <= 86400) {
             throw ValidationError("\(name) '\(value)' is not allowed; allowed: 0 to 86400 seconds")
         }
+        guard startTimeout > 0 && startTimeout <= 86400 else {
+            throw ValidationError("--start-timeout '\(startTimeout)' is not allowed; allowed: more than 0, at most 86400 seconds")
+        }
         guard crashLoopLimit >= 0 else {
             throw ValidationError("--crash-loop-limit '\(crashLoopLimit)' is not allowed; allowed: 0 or more")
         }
@@ -72,6 +78,7 @@ struct Flotillad: ParsableCommand {
             runtimeDirectory: absolute(runtimeDir), stateDirectory: absolute(stateDir), configDirectory: configDir.map(absolute),
             vmmPath: vmm.map(absolute) ?? siblingExecutable("flotilla-vmm"))
         options.stopTimeout = stopTimeout
+        options.startTimeout = startTimeout
         options.restartDelay = restartDelay
         options.restartDelayMax = restartDelayMax
         options.crashLoopLimit = crashLoopLimit
