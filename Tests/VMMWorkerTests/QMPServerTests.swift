@@ -154,4 +154,57 @@ struct QMPServerTests {
         server.close()
         #expect(access(path, F_OK) != 0)
     }
+
+    @Test("a server opened before its commands greets and negotiates at once, then answers held commands in order")
+    func commandsHeldUntilOpen() throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let loop = try EventLoop(name: "test-qmp")
+        let server = try QMPServer(path: directory.file("qmp.sock"), loop: loop, package: "test")
+        let thread = try loop.startThread()
+        defer {
+            loop.execute { server.close() }
+            loop.stop()
+            HostThread.join(thread)
+        }
+        let first = try QMPTestClient(path: server.path)
+        let second = try QMPTestClient(path: server.path)
+        #expect(try first.receive()["QMP"] != nil)
+        #expect(try second.receive()["QMP"] != nil)
+        var events: [JSONObject] = []
+        try first.send(QMP.Command(name: "qmp_capabilities", id: 0))
+        #expect(try first.reply(events: &events)["return"] == .object([:]))
+        try second.send(QMP.Command(name: "qmp_capabilities", id: 0))
+        #expect(try second.reply(events: &events)["return"] == .object([:]))
+
+        // Sent before the table exists: held, not refused.
+        try first.send(QMP.Command(name: "echo", arguments: ["n": 1], id: "a"))
+        try second.send(QMP.Command(name: "echo", arguments: ["n": 2], id: "b"))
+        try first.send(QMP.Command(name: "echo", arguments: ["n": 3], id: "c"))
+        // A round trip through the loop proves all three were read before the table came.
+        let seen = Mutex(false)
+        loop.execute { seen.withLock { $0 = true } }
+        while !seen.withLock({ $0 }) { usleep(1000) }
+
+        let order = Mutex<[Int]>([])
+        var table = QMPCommandTable()
+        table.register("echo") { arguments in
+            if let value = arguments["n"]?.numberValue?.signedValue { order.withLock { $0.append(Int(value)) } }
+            return .success(.object(arguments))
+        }
+        server.open(commands: table)
+        let a = try first.reply(events: &events)
+        let c = try first.reply(events: &events)
+        let b = try second.reply(events: &events)
+        #expect(a["id"] == "a" && a["return"] == ["n": 1])
+        #expect(c["id"] == "c" && c["return"] == ["n": 3])
+        #expect(b["id"] == "b" && b["return"] == ["n": 2])
+        // Each connection's commands run in the order it sent them (across connections, in
+        // the order the loop read them).
+        let ran = order.withLock { $0 }
+        #expect(ran.sorted() == [1, 2, 3])
+        #expect((ran.firstIndex(of: 1) ?? 3) < (ran.firstIndex(of: 3) ?? 0), "\(ran)")
+        // Once open, commands are answered at once.
+        #expect(try second.execute("echo", arguments: ["n": 4])["return"] == ["n": 4])
+    }
 }

@@ -98,7 +98,12 @@ enum NativeThread {
 
     /// The vCPU thread-name convention `<vmname>-vcpu<N>`; the kernel keeps 15 bytes.
     static func vcpuThreadName(vmName: String, index: Int) -> String {
-        let suffix = "-vcpu\(index)"
+        threadName(vmName: vmName, suffix: "vcpu\(index)")
+    }
+
+    /// `<vmname>-<suffix>`, the VM name cut so that the whole fits the kernel's 15 bytes.
+    static func threadName(vmName: String, suffix: String) -> String {
+        let suffix = "-" + suffix
         let room = max(0, 15 - suffix.utf8.count)
         var prefix = ""
         for character in vmName {

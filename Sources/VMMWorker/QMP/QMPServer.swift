@@ -36,25 +36,36 @@ public struct QMPCommandTable: Sendable {
 /// The api-channel: a QMP server on a Unix stream socket (QMP spec, docs/interop/qmp-spec.rst).
 /// Any number of clients connect at once; each negotiates capabilities on its own and
 /// receives every event once negotiated.
+///
+/// The server can listen before the machine exists (`init(path:loop:package:)`): clients are
+/// greeted and negotiate capabilities at once, and the commands they send are held, in
+/// order, until `open(commands:)` supplies the table once the VM is built.
 public final class QMPServer: Sendable {
     public let path: String
     private let loop: EventLoop
     private let listenFD: Int32
-    private let commands: QMPCommandTable
     private let greeting: [UInt8]
     private let connections = Mutex<[Int32: QMPConnection]>([:])
     private let listenToken = Mutex<EventLoop.Token?>(nil)
+    /// The command table once the machine is ready, and the commands that arrived before it.
+    private let commandGate = Mutex<CommandGate>(CommandGate())
+
+    private struct CommandGate {
+        var table: QMPCommandTable?
+        var held: [(connection: QMPConnection, command: QMP.Command)] = []
+    }
+
+    /// Binds and listens on `path` with the commands answered at once.
+    public convenience init(path: String, loop: EventLoop, commands: QMPCommandTable, package: String) throws(SyscallError) {
+        try self.init(path: path, loop: loop, package: package)
+        commandGate.withLock { $0.table = Self.withNegotiation(commands) }
+    }
 
     /// Binds and listens on `path`, which must not exist (as StratoVirt requires), with mode
-    /// 0600: whoever can connect controls the VM.
-    public init(path: String, loop: EventLoop, commands: QMPCommandTable, package: String) throws(SyscallError) {
+    /// 0600: whoever can connect controls the VM. Commands are held until `open(commands:)`.
+    public init(path: String, loop: EventLoop, package: String) throws(SyscallError) {
         self.path = path
         self.loop = loop
-        var table = commands
-        table.register("qmp_capabilities") { _ in
-            .failure(QMPCommandError(.commandNotFound, "Capabilities negotiation is already complete, command ignored"))
-        }
-        self.commands = table
         greeting = QMP.frame(QMP.greeting(major: 0, minor: 1, micro: 0, package: package))
         listenFD = try UnixSocket.listen(path: path, mode: 0o600)
         do {
@@ -65,6 +76,31 @@ public final class QMPServer: Sendable {
             _ = unlink(path)
             throw error
         }
+    }
+
+    /// Starts answering commands with `commands`, first those held since start-up, in the
+    /// order they arrived. Any thread.
+    public func open(commands: QMPCommandTable) {
+        let table = Self.withNegotiation(commands)
+        loop.execute { [self] in
+            let held = commandGate.withLock { gate in
+                gate.table = table
+                defer { gate.held.removeAll() }
+                return gate.held
+            }
+            for (connection, command) in held where !connection.isClosed {
+                dispatch(command, from: connection, table: table)
+            }
+        }
+    }
+
+    /// `qmp_capabilities` after negotiation is an error (QMP spec §4).
+    private static func withNegotiation(_ commands: QMPCommandTable) -> QMPCommandTable {
+        var table = commands
+        table.register("qmp_capabilities") { _ in
+            .failure(QMPCommandError(.commandNotFound, "Capabilities negotiation is already complete, command ignored"))
+        }
+        return table
     }
 
     /// Stops listening, disconnects every client and removes the socket file.
@@ -157,6 +193,15 @@ public final class QMPServer: Sendable {
             connection.send(QMP.frame(QMP.success(id: command.id)))
             return
         }
+        let table = commandGate.withLock { gate -> QMPCommandTable? in
+            if gate.table == nil { gate.held.append((connection, command)) }
+            return gate.table
+        }
+        if let table { dispatch(command, from: connection, table: table) }
+    }
+
+    /// Runs one command and sends its reply. On the loop thread.
+    private func dispatch(_ command: QMP.Command, from connection: QMPConnection, table commands: QMPCommandTable) {
         if command.name == "query-commands" {
             let names = commands.names + ["query-commands"]
             let list = JSONValue.array(names.sorted().map { .object(["name": .string($0)]) })
@@ -192,6 +237,7 @@ final class QMPConnection: @unchecked Sendable {
     private var token: EventLoop.Token?
     private var closed = false
     var negotiated = false
+    var isClosed: Bool { closed }
 
     init(
         fd: Int32, loop: EventLoop,

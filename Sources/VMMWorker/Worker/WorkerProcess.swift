@@ -92,10 +92,49 @@ private final class Worker: Sendable {
 
         let loop: EventLoop
         do {
-            loop = try EventLoop(name: "main")
+            loop = try EventLoop(name: NativeThread.threadName(vmName: config.name ?? "flotilla", suffix: "main"))
         } catch {
             return startupFailure("cannot create the main event loop: \(error)")
         }
+
+        var pidfile: Pidfile?
+        if let path = runtime.pidfile {
+            do {
+                pidfile = try Pidfile(path: path)
+            } catch {
+                return startupFailure("-pidfile: \(error)")
+            }
+        }
+        defer { pidfile?.remove() }
+
+        // The api-channel listens, and greets clients, from the start: the main loop runs on
+        // its own thread while the machine is built here, and commands wait until the VM
+        // exists (QMPServer.open). Registering guest memory with KVM alone takes milliseconds.
+        var server: QMPServer?
+        let events = QMPEventSink()
+        if let path = runtime.apiChannelPath {
+            do {
+                server = try QMPServer(path: Paths.absolute(path), loop: loop, package: "flotilla-vmm \(StratoVirtCommandLine.version)")
+            } catch let error where error.errno == .addressInUse {
+                return startupFailure("-api-channel: \(path) already exists; remove it first (as StratoVirt requires)")
+            } catch {
+                return startupFailure("-api-channel: \(error)")
+            }
+        }
+        if let server { events.attach(server) }
+        // Removes the socket file; runs after the loop thread has ended.
+        defer { server?.close() }
+        let qmp = server
+
+        let mainLoop: LoopThread
+        do {
+            mainLoop = LoopThread(loop: loop, thread: try loop.startThread())
+        } catch {
+            return startupFailure("cannot start the main loop's thread: \(error)")
+        }
+        // Whatever the main loop serves is closed only after its thread has ended: every
+        // later cleanup stops it first (stopping twice is harmless).
+        defer { mainLoop.stop() }
 
         // -iothread id=NAME: a thread named NAME with its own event loop, processing the
         // queues of the devices configured with iothread=NAME.
@@ -120,7 +159,10 @@ private final class Worker: Sendable {
         } catch {
             return startupFailure("-serial: \(error)")
         }
-        defer { console?.close() }
+        defer {
+            mainLoop.stop()
+            console?.close()
+        }
 
         let vm: MicroVM
         do {
@@ -139,41 +181,18 @@ private final class Worker: Sendable {
             }
         }
 
-        var pidfile: Pidfile?
-        if let path = runtime.pidfile {
-            do {
-                pidfile = try Pidfile(path: path)
-            } catch {
-                return startupFailure("-pidfile: \(error)")
-            }
-        }
-        defer { pidfile?.remove() }
-
-        var server: QMPServer?
-        let events = QMPEventSink()
-        if let path = runtime.apiChannelPath {
-            do {
-                server = try QMPServer(
-                    path: Paths.absolute(path), loop: loop, commands: commands(vm: vm, events: events),
-                    package: "flotilla-vmm \(StratoVirtCommandLine.version)")
-            } catch let error where error.errno == .addressInUse {
-                return startupFailure("-api-channel: \(path) already exists; remove it first (as StratoVirt requires)")
-            } catch {
-                return startupFailure("-api-channel: \(error)")
-            }
-        }
-        if let server { events.attach(server) }
-        // Removes the socket file; runs after the loop has stopped.
-        defer { server?.close() }
-        let qmp = server
-
         let signalFD: Int32
         do {
             signalFD = try Syscall.once("signalfd") { signalfd(-1, &mask, Int32(SFD_CLOEXEC | SFD_NONBLOCK)) }
         } catch {
             return startupFailure("cannot create the signalfd: \(error)")
         }
-        defer { Syscall.close(signalFD) }
+        defer {
+            mainLoop.stop()
+            Syscall.close(signalFD)
+        }
+        // Set once the VM has ended and its SHUTDOWN event is out.
+        let finished = ConditionLock(false)
         do {
             try loop.register(fd: signalFD, events: EPOLLIN.rawValue) { [self] _ in
                 var info = signalfd_siginfo()
@@ -186,7 +205,8 @@ private final class Worker: Sendable {
             try loop.register(fd: vm.exitEventFD.rawValue, events: EPOLLIN.rawValue) { [self] _ in
                 let reason = vm.exitReason ?? .requested
                 qmp?.broadcast(event: "SHUTDOWN", data: shutdownEventData(reason))
-                loop.stop()
+                finished.withLock { $0 = true }
+                finished.broadcast()
             }
         } catch {
             return startupFailure("cannot set up the main loop: \(error)")
@@ -218,9 +238,13 @@ private final class Worker: Sendable {
             }
         }
         log.info("VM started: \(config.machine.vcpuCount) vCPUs, \(config.machine.memoryBytes >> 20) MiB")
+        qmp?.open(commands: commands(vm: vm, events: events))
         readiness?.ready()
 
-        loop.run()
+        // The main loop's thread serves the VM from here; this thread waits for its end
+        // (the SHUTDOWN event has gone out), then stops the loop and cleans up.
+        finished.wait(until: { $0 }, then: { _ in })
+        mainLoop.stop()
 
         let reason = vm.waitForExit()
         switch reason {
@@ -302,6 +326,29 @@ private final class Worker: Sendable {
     func forwardStandardInput(to vm: MicroVM, loop: EventLoop) {
         let forwarder = InputForwarder(vm: vm, loop: loop, log: log)
         forwarder.start()
+    }
+}
+
+/// The main loop's thread, stopped and joined once.
+private final class LoopThread: Sendable {
+    let loop: EventLoop
+    private let thread: Mutex<pthread_t?>
+
+    init(loop: EventLoop, thread: pthread_t) {
+        self.loop = loop
+        self.thread = Mutex(thread)
+    }
+
+    /// Stops the loop and waits for its thread to end; later calls return at once.
+    func stop() {
+        guard
+            let thread = thread.withLock({ thread -> pthread_t? in
+                defer { thread = nil }
+                return thread
+            })
+        else { return }
+        loop.stop()
+        HostThread.join(thread)
     }
 }
 
