@@ -21,15 +21,13 @@ struct VirtioBlockUnitTests {
         try memory.write(UInt32(0), at: Self.header + 4)
         try memory.write(sector, at: Self.header + 8)
         try memory.write(UInt8(0xff), at: Self.status)
-        var chain = DescriptorChain(head: 0)
-        chain.readable = [GuestSegment(address: Self.header, length: 16)] + readable
-        chain.readableLength = chain.readable.reduce(0) { $0 + UInt64($1.length) }
-        chain.writable = writable
-        chain.writableLength = writable.reduce(0) { $0 + UInt64($1.length) }
-        return chain
+        return DescriptorChain(head: 0, readable: [try segment(memory, Self.header, 16)] + readable, writable: writable)
     }
 
-    let statusSegment = GuestSegment(address: status, length: 1)
+    /// A checked segment of `memory` (the only kind a chain holds).
+    func segment(_ memory: GuestMemory, _ address: UInt64, _ length: UInt32) throws -> GuestSegment {
+        try GuestSegment(address: address, length: length, in: memory)
+    }
 
     @Test("read, write, flush, get-id, discard, write-zeroes and their failures", arguments: [false, true])
     func requests(direct: Bool) throws {
@@ -45,7 +43,7 @@ struct VirtioBlockUnitTests {
         var request = try chain(
             memory, type: 0, sector: 2,
             writable: [
-                GuestSegment(address: Self.data + 3, length: 700), GuestSegment(address: Self.data + 1001, length: 324), statusSegment,
+                segment(memory, Self.data + 3, 700), segment(memory, Self.data + 1001, 324), segment(memory, Self.status, 1),
             ])
         #expect(handler.execute(request) == 1025)
         #expect(try memory.read(UInt8.self, at: Self.status) == 0)
@@ -54,7 +52,7 @@ struct VirtioBlockUnitTests {
         // Write sector 15 (the last), then read it back from the file.
         try memory.write([UInt8](repeating: 0xab, count: 512), at: Self.data)
         request = try chain(
-            memory, type: 1, sector: 15, readable: [GuestSegment(address: Self.data, length: 512)], writable: [statusSegment])
+            memory, type: 1, sector: 15, readable: [segment(memory, Self.data, 512)], writable: [segment(memory, Self.status, 1)])
         #expect(handler.execute(request) == 1)
         #expect(try memory.read(UInt8.self, at: Self.status) == 0)
         let fd = open(path, O_RDONLY)
@@ -66,18 +64,18 @@ struct VirtioBlockUnitTests {
         // Beyond the end, a partial sector, and a sector number that overflows: IOERR.
         for (sector, length) in [(UInt64(16), UInt32(512)), (15, 1024), (0, 100), (UInt64.max, 512), (UInt64.max / 512 + 1, 512)] {
             request = try chain(
-                memory, type: 0, sector: sector, writable: [GuestSegment(address: Self.data, length: length), statusSegment])
+                memory, type: 0, sector: sector, writable: [segment(memory, Self.data, length), segment(memory, Self.status, 1)])
             _ = handler.execute(request)
             #expect(try memory.read(UInt8.self, at: Self.status) == 1, "sector \(sector) length \(length)")
         }
 
         // Flush.
-        request = try chain(memory, type: 4, sector: 0, writable: [statusSegment])
+        request = try chain(memory, type: 4, sector: 0, writable: [segment(memory, Self.status, 1)])
         #expect(handler.execute(request) == 1)
         #expect(try memory.read(UInt8.self, at: Self.status) == 0)
 
         // GET_ID: the first 20 bytes of the serial, no NUL when it fills them (§5.2.6).
-        request = try chain(memory, type: 8, sector: 0, writable: [GuestSegment(address: Self.data, length: 20), statusSegment])
+        request = try chain(memory, type: 8, sector: 0, writable: [segment(memory, Self.data, 20), segment(memory, Self.status, 1)])
         #expect(handler.execute(request) == 21)
         #expect(try memory.read(at: Self.data, count: 20) == Array("0123456789abcdefghij".utf8))
 
@@ -87,7 +85,7 @@ struct VirtioBlockUnitTests {
             try memory.write(count, at: Self.data + 8)
             try memory.write(UInt32(0), at: Self.data + 12)
             request = try chain(
-                memory, type: type, sector: 0, readable: [GuestSegment(address: Self.data, length: 16)], writable: [statusSegment])
+                memory, type: type, sector: 0, readable: [segment(memory, Self.data, 16)], writable: [segment(memory, Self.status, 1)])
             #expect(handler.execute(request) == 1)
             #expect(try memory.read(UInt8.self, at: Self.status) == 0, "type \(type)")
         }
@@ -97,20 +95,15 @@ struct VirtioBlockUnitTests {
         #expect(after[0..<2048] == bytes[0..<2048])
 
         // Unknown type: UNSUPP. No header: IOERR. No status byte: nothing written, used 0.
-        request = try chain(memory, type: 99, sector: 0, writable: [statusSegment])
+        request = try chain(memory, type: 99, sector: 0, writable: [segment(memory, Self.status, 1)])
         _ = handler.execute(request)
         #expect(try memory.read(UInt8.self, at: Self.status) == 2)
-        var short = DescriptorChain(head: 0)
-        short.readable = [GuestSegment(address: Self.header, length: 8)]
-        short.readableLength = 8
-        short.writable = [statusSegment]
-        short.writableLength = 1
+        let short = DescriptorChain(
+            head: 0, readable: [try segment(memory, Self.header, 8)], writable: [try segment(memory, Self.status, 1)])
         try memory.write(UInt8(0xff), at: Self.status)
         _ = handler.execute(short)
         #expect(try memory.read(UInt8.self, at: Self.status) == 1)
-        var noStatus = DescriptorChain(head: 0)
-        noStatus.readable = [GuestSegment(address: Self.header, length: 16)]
-        noStatus.readableLength = 16
+        let noStatus = DescriptorChain(head: 0, readable: [try segment(memory, Self.header, 16)], writable: [])
         #expect(handler.execute(noStatus) == 0)
     }
 
@@ -124,7 +117,7 @@ struct VirtioBlockUnitTests {
         let handler = BlockRequestHandler(backend: backend, memory: memory)
         for type in [UInt32(1), 11, 13] {
             let request = try chain(
-                memory, type: type, sector: 0, readable: [GuestSegment(address: Self.data, length: 512)], writable: [statusSegment])
+                memory, type: type, sector: 0, readable: [segment(memory, Self.data, 512)], writable: [segment(memory, Self.status, 1)])
             _ = handler.execute(request)
             #expect(try memory.read(UInt8.self, at: Self.status) == 1, "type \(type)")
         }

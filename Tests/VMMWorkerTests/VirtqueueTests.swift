@@ -61,7 +61,7 @@ struct VirtqueueTests {
         var queue = q.queue()
         let chain = try #require(try queue.next())
         #expect(chain.head == 0)
-        #expect(chain.readable == [GuestSegment(address: CraftedQueue.buffers, length: 16)])
+        #expect(chain.readable == [try GuestSegment(address: CraftedQueue.buffers, length: 16, in: q.memory)])
         #expect(chain.writable.count == 2 && chain.writableLength == 513)
         #expect(try queue.next() == nil)
         try queue.complete(head: 0, written: 513)

@@ -152,8 +152,17 @@ struct ReferenceQueue {
 
     func u16(_ at: UInt64) -> UInt16? { try? memory.read(UInt16.self, at: at) }
 
+    /// The walker's policy for layouts the transport would refuse: a ring not wholly inside
+    /// guest RAM breaks the queue at its first use.
+    var ringsInRAM: Bool {
+        memory.contains(layout.descriptorTable, length: 16 * UInt64(layout.size))
+            && memory.contains(layout.availableRing, length: 6 + 2 * UInt64(layout.size))
+            && memory.contains(layout.usedRing, length: 6 + 8 * UInt64(layout.size))
+    }
+
     mutating func next() -> Outcome {
         let size = layout.size
+        guard ringsInRAM else { return .queueError }
         guard let available = u16(layout.availableRing &+ 2) else { return .queueError }
         if available == lastAvailable { return .none }
         guard available &- lastAvailable <= size else { return .queueError }
@@ -191,10 +200,10 @@ struct ReferenceQueue {
             }
             guard length > 0, memory.contains(address, length: UInt64(length)) else { return .chainError(head: head) }
             if flags & 2 != 0 {
-                writable.append(GuestSegment(address: address, length: length))
+                writable.append(must { try GuestSegment(address: address, length: length, in: memory) })
             } else {
                 guard writable.isEmpty else { return .chainError(head: head) }
-                readable.append(GuestSegment(address: address, length: length))
+                readable.append(must { try GuestSegment(address: address, length: length, in: memory) })
             }
             if flags & 1 == 0 { return .chain(head: head, readable: readable, writable: writable) }
             index = UInt32(next)
@@ -242,7 +251,7 @@ func runCase(_ c: FuzzCase) {
                         check(expected == .none, "walker found nothing, reference \(expected)")
                         break
                     }
-                    let got = Outcome.chain(head: chain.head, readable: chain.readable, writable: chain.writable)
+                    let got = Outcome.chain(head: chain.head, readable: Array(chain.readable), writable: Array(chain.writable))
                     check(got == expected, "walker accepted \(got), reference \(expected)")
                     checkChain(chain, size: size)
                     head = chain.head

@@ -91,29 +91,31 @@ public final class BlockBackend: Sendable {
         return sector <= capacity && sectors <= capacity - sector
     }
 
-    /// Reads or writes `iovecs` (guest memory) at byte `offset`, whole, handling short
-    /// transfers and EINTR; through a page-aligned bounce buffer when O_DIRECT cannot take
-    /// the guest's buffers as they are.
-    func transfer(_ iovecs: inout [iovec], total: Int, at offset: UInt64, write: Bool) throws(SyscallError) {
-        if direct && !Self.aligned(iovecs) {
-            try bounced(iovecs, total: total, at: offset, write: write)
+    /// Reads or writes the `count` host iovecs at `vectors` (guest memory, `total` bytes) at
+    /// byte `offset`, whole, handling short transfers and EINTR; through a page-aligned bounce
+    /// buffer when O_DIRECT cannot take the guest's buffers as they are. The iovecs may be
+    /// advanced in place.
+    func transfer(_ vectors: UnsafeMutablePointer<iovec>, count: Int, total: Int, at offset: UInt64, write: Bool) throws(SyscallError) {
+        if direct && !Self.aligned(vectors, count: count) {
+            try bounced(vectors, count: count, total: total, at: offset, write: write)
             return
         }
-        try Self.transferAll(fd: fd, &iovecs, at: offset, write: write)
+        try Self.transferAll(fd: fd, vectors, count: count, at: offset, write: write)
     }
 
-    static func aligned(_ iovecs: [iovec]) -> Bool {
+    static func aligned(_ vectors: UnsafePointer<iovec>, count: Int) -> Bool {
         let mask = UInt(directAlignment - 1)
-        for v in iovecs {
+        for v in UnsafeBufferPointer(start: vectors, count: count) {
             guard let base = v.iov_base, UInt(bitPattern: base) & mask == 0, UInt(v.iov_len) & mask == 0 else { return false }
         }
         return true
     }
 
-    private func bounced(_ iovecs: [iovec], total: Int, at offset: UInt64, write: Bool) throws(SyscallError) {
+    private func bounced(_ vectors: UnsafePointer<iovec>, count: Int, total: Int, at offset: UInt64, write: Bool) throws(SyscallError) {
         guard total > 0 else { return }
         guard let buffer = fl_aligned_alloc(4096, UInt64(total)) else { throw SyscallError("posix_memalign", .noMemory) }
         defer { free(buffer) }
+        let iovecs = UnsafeBufferPointer(start: vectors, count: count)
         if write {
             var at = 0
             for v in iovecs {
@@ -134,9 +136,11 @@ public final class BlockBackend: Sendable {
     }
 
     /// preadv/pwritev until every byte moved; EINTR retried; a read hitting end of file
-    /// (the image shrank under us) is EIO.
-    static func transferAll(fd: Int32, _ iovecs: inout [iovec], at offset: UInt64, write: Bool) throws(SyscallError) {
-        if iovecs.count == 1, let base = iovecs[0].iov_base {
+    /// (the image shrank under us) is EIO. The iovecs are advanced in place.
+    static func transferAll(fd: Int32, _ iovecs: UnsafeMutablePointer<iovec>, count: Int, at offset: UInt64, write: Bool)
+        throws(SyscallError)
+    {
+        if count == 1, let base = iovecs[0].iov_base {
             // One contiguous buffer (the usual 4 KiB request): pread/pwrite, which skip
             // preadv's iovec import in the kernel.
             try transferAll(fd: fd, base, count: iovecs[0].iov_len, at: offset, write: write)
@@ -144,12 +148,9 @@ public final class BlockBackend: Sendable {
         }
         var position = offset
         var first = 0
-        while first < iovecs.count {
-            let count = Int32(min(iovecs.count - first, 1024))
-            let done = iovecs.withUnsafeMutableBufferPointer { buffer -> Int in
-                guard let base = buffer.baseAddress else { return 0 }
-                return write ? pwritev(fd, base + first, count, off_t(position)) : preadv(fd, base + first, count, off_t(position))
-            }
+        while first < count {
+            let batch = Int32(min(count - first, 1024))
+            let done = write ? pwritev(fd, iovecs + first, batch, off_t(position)) : preadv(fd, iovecs + first, batch, off_t(position))
             if done < 0 {
                 if errno == EINTR { continue }
                 throw SyscallError(write ? "pwritev" : "preadv", .init(rawValue: errno))
@@ -157,7 +158,7 @@ public final class BlockBackend: Sendable {
             if done == 0 { throw SyscallError(write ? "pwritev" : "preadv", .ioError) }
             position += UInt64(done)
             var left = done
-            while left > 0 && first < iovecs.count {
+            while left > 0 && first < count {
                 if left >= iovecs[first].iov_len {
                     left -= iovecs[first].iov_len
                     first += 1
@@ -167,7 +168,7 @@ public final class BlockBackend: Sendable {
                     left = 0
                 }
             }
-            while first < iovecs.count && iovecs[first].iov_len == 0 { first += 1 }
+            while first < count && iovecs[first].iov_len == 0 { first += 1 }
         }
     }
 

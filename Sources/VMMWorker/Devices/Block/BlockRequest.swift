@@ -45,30 +45,34 @@ public struct BlockRequestHandler: Sendable {
     }
 
     /// ``execute(_:)`` with the caller's scratch array for the host iovecs (kept per queue, so
-    /// a request allocates nothing once its capacity has grown to the queue's segment count).
+    /// a request allocates nothing once it has grown to the queue's segment count).
+    ///
+    /// `chain` must come from a walk of a queue on this handler's `memory` (or be built from
+    /// segments checked against it): its segments' host offsets are used as they are.
     public func execute(_ chain: DescriptorChain, iovecs: inout [iovec]) -> UInt32 {
-        guard chain.writableLength >= 1, let last = chain.writable.last else { return 0 }
-        let statusAddress = last.address + UInt64(last.length) - 1
+        guard chain.writableLength >= 1, chain.writableCount > 0 else { return 0 }
+        let base = memory.base
+        let last = chain.storage[chain.segmentCount - 1]
+        // The last device-writable byte (§5.2.6: status is the final field); last.length ≥ 1.
+        let statusByte = base + last.hostOffset + Int(last.length) - 1
         func finish(_ status: UInt8, dataWritten: UInt64 = 0) -> UInt32 {
-            // The status address was checked when the chain was walked.
-            try? memory.write(status, at: statusAddress)
+            statusByte.storeBytes(of: status, as: UInt8.self)
             return UInt32(truncatingIfNeeded: dataWritten + 1)
         }
-        guard chain.readableLength >= 16, let first = chain.readable.first else { return finish(BlockStatus.ioError) }
+        guard chain.readableLength >= 16 else { return finish(BlockStatus.ioError) }
         let type: UInt32
-        var sector: UInt64 = 0
-        if first.length >= 16, let header = try? memory.hostPointer(first.address, length: 16) {
+        let sector: UInt64
+        let first = chain.storage[0]
+        if first.length >= 16 {
             // The usual layout: the whole header in the first descriptor.
+            let header = base + first.hostOffset
             type = UInt32(littleEndian: header.loadUnaligned(as: UInt32.self))
             sector = UInt64(littleEndian: header.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
         } else {
-            guard let header = try? gather(chain.readable, skip: 0, count: 16, of: chain.readableLength) else {
-                return finish(BlockStatus.ioError)
-            }
-            var headerBytes = [UInt8](repeating: 0, count: 16)
-            copyOut(header, into: &headerBytes)
-            type = UInt32(headerBytes[0]) | UInt32(headerBytes[1]) << 8 | UInt32(headerBytes[2]) << 16 | UInt32(headerBytes[3]) << 24
-            for i in 0..<8 { sector |= UInt64(headerBytes[8 + i]) << (8 * UInt64(i)) }
+            var header = (UInt64(0), UInt64(0))
+            withUnsafeMutableBytes(of: &header) { copyOut(chain, readable: true, skip: 0, into: $0) }
+            type = UInt32(truncatingIfNeeded: UInt64(littleEndian: header.0))
+            sector = UInt64(littleEndian: header.1)
         }
 
         switch type {
@@ -76,26 +80,28 @@ public struct BlockRequestHandler: Sendable {
             // §5.2.6.1: data is a multiple of 512 bytes; here also within the disk.
             let length = chain.writableLength - 1
             guard chain.readableLength == 16, length % BlockBackend.sectorSize == 0, length <= Self.maxRequestBytes,
-                backend.contains(sector: sector, bytes: length),
-                (try? gather(chain.writable, skip: 0, count: length, of: chain.writableLength, into: &iovecs)) != nil
+                backend.contains(sector: sector, bytes: length)
             else { return finish(BlockStatus.ioError) }
-            do {
-                if length > 0 { try backend.transfer(&iovecs, total: Int(length), at: sector * BlockBackend.sectorSize, write: false) }
-            } catch {
-                return finish(BlockStatus.ioError)
+            if length > 0 {
+                do {
+                    try transfer(chain, readable: false, skip: 0, count: length, at: sector, write: false, iovecs: &iovecs)
+                } catch {
+                    return finish(BlockStatus.ioError)
+                }
             }
             return finish(BlockStatus.ok, dataWritten: length)
         case BlockRequestType.write:
             let length = chain.readableLength - 16
             // §5.2.6.2: a device offering VIRTIO_BLK_F_RO fails writes.
             guard !backend.readOnly, chain.writableLength == 1, length % BlockBackend.sectorSize == 0, length <= Self.maxRequestBytes,
-                backend.contains(sector: sector, bytes: length),
-                (try? gather(chain.readable, skip: 16, count: length, of: chain.readableLength, into: &iovecs)) != nil
+                backend.contains(sector: sector, bytes: length)
             else { return finish(BlockStatus.ioError) }
-            do {
-                if length > 0 { try backend.transfer(&iovecs, total: Int(length), at: sector * BlockBackend.sectorSize, write: true) }
-            } catch {
-                return finish(BlockStatus.ioError)
+            if length > 0 {
+                do {
+                    try transfer(chain, readable: true, skip: 16, count: length, at: sector, write: true, iovecs: &iovecs)
+                } catch {
+                    return finish(BlockStatus.ioError)
+                }
             }
             return finish(BlockStatus.ok)
         case BlockRequestType.flush:
@@ -108,17 +114,7 @@ public struct BlockRequestHandler: Sendable {
         case BlockRequestType.getID:
             // §5.2.6: up to VIRTIO_BLK_ID_BYTES (20) bytes, NUL-terminated only if shorter.
             let room = min(chain.writableLength - 1, UInt64(BlockBackend.serialLength))
-            guard let iovecs = try? gather(chain.writable, skip: 0, count: room, of: chain.writableLength) else {
-                return finish(BlockStatus.ioError)
-            }
-            backend.serial.withUnsafeBytes { source in
-                var at = 0
-                for v in iovecs {
-                    guard let base = v.iov_base, let from = source.baseAddress else { continue }
-                    base.copyMemory(from: from + at, byteCount: v.iov_len)
-                    at += v.iov_len
-                }
-            }
+            backend.serial.withUnsafeBytes { copyIn(chain, from: UnsafeRawBufferPointer(rebasing: $0.prefix(Int(room)))) }
             return finish(BlockStatus.ok, dataWritten: room)
         case BlockRequestType.discard, BlockRequestType.writeZeroes:
             return finish(discardOrZero(chain, zero: type == BlockRequestType.writeZeroes))
@@ -131,11 +127,10 @@ public struct BlockRequestHandler: Sendable {
     private func discardOrZero(_ chain: DescriptorChain, zero: Bool) -> UInt8 {
         let length = chain.readableLength - 16
         guard !backend.readOnly, chain.writableLength == 1, length > 0, length % 16 == 0,
-            length / 16 <= Self.maxDiscardSegments,
-            let iovecs = try? gather(chain.readable, skip: 16, count: length, of: chain.readableLength)
+            length / 16 <= Self.maxDiscardSegments
         else { return BlockStatus.ioError }
         var bytes = [UInt8](repeating: 0, count: Int(length))
-        copyOut(iovecs, into: &bytes)
+        bytes.withUnsafeMutableBytes { copyOut(chain, readable: true, skip: 16, into: $0) }
         for index in 0..<Int(length / 16) {
             let base = index * 16
             var sector: UInt64 = 0
@@ -161,46 +156,97 @@ public struct BlockRequestHandler: Sendable {
         return BlockStatus.ok
     }
 
-    /// Host iovecs for `count` bytes starting `skip` bytes into `segments` (whose total is
-    /// `total`). Every segment was checked against guest RAM when the chain was walked; the
-    /// translation is checked again here.
-    func gather(_ segments: [GuestSegment], skip: UInt64, count: UInt64, of total: UInt64) throws(MemoryError) -> [iovec] {
-        var result: [iovec] = []
-        try gather(segments, skip: skip, count: count, of: total, into: &result)
-        return result
+    /// Moves `count` bytes between the disk at `sector` and the chain's readable (or
+    /// writable) segments, starting `skip` bytes into them; the caller checked that the
+    /// segments hold `skip + count` bytes. One buffer (the usual 4 KiB request) goes to
+    /// pread/pwrite directly; several are gathered into `iovecs`.
+    private func transfer(
+        _ chain: DescriptorChain, readable: Bool, skip: UInt64, count: UInt64, at sector: UInt64, write: Bool,
+        iovecs: inout [iovec]
+    ) throws(SyscallError) {
+        let offset = sector * BlockBackend.sectorSize
+        let range = readable ? 0..<chain.readableCount : chain.readableCount..<chain.segmentCount
+        let base = memory.base
+        // Fast path: the data lies inside one segment.
+        var toSkip = skip
+        for i in range {
+            let segment = chain.storage[i]
+            let length = UInt64(segment.length)
+            if toSkip >= length {
+                toSkip -= length
+                continue
+            }
+            if count <= length - toSkip {
+                var one = iovec(iov_base: base + segment.hostOffset + Int(toSkip), iov_len: Int(count))
+                try backend.transfer(&one, count: 1, total: Int(count), at: offset, write: write)
+                return
+            }
+            break
+        }
+        if iovecs.count < range.count { iovecs = Array(repeating: iovec(), count: max(range.count, 256)) }
+        try iovecs.withUnsafeMutableBufferPointer { buffer throws(SyscallError) in
+            guard let vectors = buffer.baseAddress else { return }
+            let n = gather(chain, range: range, skip: skip, count: count, into: vectors)
+            try backend.transfer(vectors, count: n, total: Int(count), at: offset, write: write)
+        }
     }
 
-    /// ``gather(_:skip:count:of:)`` into `result`, emptied first (its storage is reused).
-    func gather(_ segments: [GuestSegment], skip: UInt64, count: UInt64, of total: UInt64, into result: inout [iovec])
-        throws(MemoryError)
+    /// Host iovecs for `count` bytes starting `skip` bytes into the segments `range` of
+    /// `chain` (which hold at least `skip + count` bytes); returns how many were filled
+    /// (at most `range.count`).
+    private func gather(_ chain: DescriptorChain, range: Range<Int>, skip: UInt64, count: UInt64, into vectors: UnsafeMutablePointer<iovec>)
+        -> Int
     {
-        result.removeAll(keepingCapacity: true)
-        guard skip <= total, count <= total - skip else { throw MemoryError(.outOfRange, "request shorter than its layout") }
-        result.reserveCapacity(segments.count)
+        let base = memory.base
+        var n = 0
         var toSkip = skip
         var left = count
-        for segment in segments where left > 0 {
+        for i in range where left > 0 {
+            let segment = chain.storage[i]
             let length = UInt64(segment.length)
             if toSkip >= length {
                 toSkip -= length
                 continue
             }
             let take = min(length - toSkip, left)
-            let pointer = try memory.hostPointer(segment.address + toSkip, length: take)
-            result.append(iovec(iov_base: pointer, iov_len: Int(take)))
+            vectors[n] = iovec(iov_base: base + segment.hostOffset + Int(toSkip), iov_len: Int(take))
+            n += 1
             left -= take
+            toSkip = 0
+        }
+        return n
+    }
+
+    /// Copies the chain's readable (or writable) bytes from `skip` on into `destination`
+    /// (as many as fit, and as there are).
+    func copyOut(_ chain: DescriptorChain, readable: Bool, skip: UInt64, into destination: UnsafeMutableRawBufferPointer) {
+        guard let target = destination.baseAddress else { return }
+        let range = readable ? 0..<chain.readableCount : chain.readableCount..<chain.segmentCount
+        var toSkip = skip
+        var at = 0
+        for i in range where at < destination.count {
+            let segment = chain.storage[i]
+            let length = UInt64(segment.length)
+            if toSkip >= length {
+                toSkip -= length
+                continue
+            }
+            let take = min(Int(length - toSkip), destination.count - at)
+            (target + at).copyMemory(from: memory.base + segment.hostOffset + Int(toSkip), byteCount: take)
+            at += take
             toSkip = 0
         }
     }
 
-    func copyOut(_ iovecs: [iovec], into bytes: inout [UInt8]) {
-        bytes.withUnsafeMutableBytes { destination in
-            var at = 0
-            for v in iovecs {
-                guard let base = v.iov_base, let target = destination.baseAddress, at + v.iov_len <= destination.count else { continue }
-                (target + at).copyMemory(from: base, byteCount: v.iov_len)
-                at += v.iov_len
-            }
+    /// Copies `source` into the chain's writable segments from their start (as much as fits).
+    func copyIn(_ chain: DescriptorChain, from source: UnsafeRawBufferPointer) {
+        guard let from = source.baseAddress else { return }
+        var at = 0
+        for i in chain.readableCount..<chain.segmentCount where at < source.count {
+            let segment = chain.storage[i]
+            let take = min(Int(segment.length), source.count - at)
+            (memory.base + segment.hostOffset).copyMemory(from: from + at, byteCount: take)
+            at += take
         }
     }
 }

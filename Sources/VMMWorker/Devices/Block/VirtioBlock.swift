@@ -34,6 +34,7 @@ public final class VirtioBlockDevice: VirtioDevice {
     public var deviceID: UInt32 { Virtio.DeviceID.block }
     public var queueMaxSizes: [UInt16] { [Self.queueSize] }
 
+    /// The live queue, from DRIVER_OK to reset.
     struct Active {
         var queue: SplitVirtqueue
         let notifyFD: Int32
@@ -42,18 +43,23 @@ public final class VirtioBlockDevice: VirtioDevice {
         var bucket: TokenBucket?
         var resumeTimer: EventLoop.Token?
         var broken = false
-        /// Per-queue scratch, reused by every request: the chain being executed and its host
-        /// iovecs. Mutated in place under the lock, so their storage stays uniquely owned
-        /// and a request allocates nothing.
-        var chain = DescriptorChain(head: 0)
-        var iovecs: [iovec] = []
     }
 
-    private let state = Mutex<Active?>(nil)
-    private let completed = Atomic<UInt64>(0)
+    /// Everything the loop thread mutates, under one lock. The scratch (the chain being
+    /// executed and its host iovecs) outlives activations and is mutated in place, so its
+    /// storage stays uniquely owned and a request allocates nothing.
+    struct State {
+        var active: Active?
+        var chain = DescriptorChain(head: 0)
+        var iovecs: [iovec] = []
+        /// Requests completed since start.
+        var completed: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
 
     /// Requests completed since start (for tests and statistics).
-    public var completedRequests: UInt64 { completed.load(ordering: .relaxed) }
+    public var completedRequests: UInt64 { state.withLock { $0.completed } }
 
     public init(backend: BlockBackend, memory: GuestMemory, loop: EventLoop, iops: UInt64 = 0) {
         self.backend = backend
@@ -100,92 +106,95 @@ public final class VirtioBlockDevice: VirtioDevice {
             throw DeviceError(.setup, "virtio-blk '\(backend.id)': the driver did not set up the request queue")
         }
         let notifyFD = activation.notifyFDs[0]
-        try state.withLock { active throws in
-            active = Active(
+        try state.withLock { state throws in
+            var active = Active(
                 queue: queue, notifyFD: notifyFD, interrupt: activation.interrupt,
                 bucket: iops > 0 ? TokenBucket(rate: iops) : nil)
-            // A chain has at most queue-size segments (§2.7.4.2).
-            active?.chain.readable.reserveCapacity(Int(queue.layout.size))
-            active?.chain.writable.reserveCapacity(Int(queue.layout.size))
-            active?.iovecs.reserveCapacity(Int(queue.layout.size))
-            active?.token = try loop.register(fd: notifyFD, events: EPOLLIN.rawValue) { [weak self] _ in
+            active.token = try loop.register(fd: notifyFD, events: EPOLLIN.rawValue) { [weak self] _ in
                 var value: UInt64 = 0
                 _ = withUnsafeMutableBytes(of: &value) { Glibc.read(notifyFD, $0.baseAddress, 8) }
                 self?.process()
             }
+            state.active = active
         }
         // The driver may have queued requests before DRIVER_OK; look once.
         loop.execute { [weak self] in self?.process() }
     }
 
     public func reset() {
-        state.withLock { active in
-            if let token = active?.token { loop.unregister(token) }
-            if let timer = active?.resumeTimer { loop.unregister(timer) }
-            active = nil
+        state.withLock { state in
+            if let token = state.active?.token { loop.unregister(token) }
+            if let timer = state.active?.resumeTimer { loop.unregister(timer) }
+            state.active = nil
         }
     }
 
     /// Processes what the driver made available (on the loop thread): until the ring is
     /// empty, the QoS bucket runs dry (a one-shot timer resumes), or the queue breaks.
     public func process() {
-        state.withLock { slot in
-            // Moved out, not copied: the scratch buffers must stay uniquely owned, or the
-            // first append of each batch would copy them.
-            guard var active = slot.take() else { return }
-            defer { slot = active }
-            guard !active.broken else { return }
-            run(&active)
-            // One interrupt for the whole batch, if the driver wants one (§2.7.10).
-            if active.queue.needsInterrupt() { active.interrupt.signal(Virtio.Interrupt.usedBuffer) }
+        state.withLock { state in
+            // In place (optional chaining on the stored property): no copy of the queue state,
+            // and the scratch stays uniquely owned.
+            state.completed &+= state.active?.run(device: self, chain: &state.chain, iovecs: &state.iovecs) ?? 0
         }
     }
 
-    private func run(_ active: inout Active) {
+    func resumeFromTimer() {
+        state.withLock { $0.active?.resumeTimer = nil }
+        process()
+    }
+}
+
+extension VirtioBlockDevice.Active {
+    /// One batch: requests until the ring is empty or the bucket runs dry, then one interrupt
+    /// if the driver wants one (§2.7.10). Returns the number of requests completed.
+    mutating func run(device: VirtioBlockDevice, chain: inout DescriptorChain, iovecs: inout [iovec]) -> UInt64 {
+        guard !broken else { return 0 }
+        let done = requests(device: device, chain: &chain, iovecs: &iovecs)
+        if queue.needsInterrupt() { interrupt.signal(Virtio.Interrupt.usedBuffer) }
+        return done
+    }
+
+    private mutating func requests(device: VirtioBlockDevice, chain: inout DescriptorChain, iovecs: inout [iovec]) -> UInt64 {
         var done: UInt64 = 0
-        defer { if done > 0 { completed.add(done, ordering: .relaxed) } }
-        func broken(_ error: VirtqueueError) {
-            active.broken = true
-            active.interrupt.markNeedsReset()
+        func fail(_ error: VirtqueueError) -> UInt64 {
+            broken = true
+            interrupt.markNeedsReset()
+            return done
         }
         while true {
             while true {
-                if active.bucket != nil, let wait = active.bucket?.wait(), wait > 0 {
+                if bucket != nil, let wait = bucket?.wait(), wait > 0 {
                     // Throttled: leave the rest in the ring and come back when a token is due,
                     // without blocking this loop's other devices (or the vCPUs).
                     // With EVENT_IDX the driver only kicks when avail_event asks for it, so ask
                     // (else a request posted now would wait for a kick that never comes).
                     let pending: Bool
-                    do { pending = try active.queue.rearmNotification() } catch { return broken(error) }
-                    if pending && active.resumeTimer == nil {
-                        active.resumeTimer = try? loop.schedule(afterNanoseconds: wait) { [weak self] in self?.resume() }
+                    do { pending = try queue.rearmNotification() } catch { return fail(error) }
+                    if pending && resumeTimer == nil {
+                        resumeTimer = try? device.loop.schedule(afterNanoseconds: wait) { [weak device] in device?.resumeFromTimer() }
                     }
-                    return
+                    return done
                 }
                 do {
-                    guard try active.queue.next(into: &active.chain) else { break }
+                    guard try queue.next(into: &chain) else { break }
                 } catch {
-                    guard case .chain(let head) = error.kind else { return broken(error) }
+                    guard case .chain(let head) = error.kind else { return fail(error) }
                     // A malformed chain fails on its own: returned unused, nothing written.
-                    do { try active.queue.complete(head: head, written: 0) } catch { return broken(error) }
+                    do { try queue.complete(head: head, written: 0) } catch { return fail(error) }
                     continue
                 }
-                active.bucket?.consume()
-                let written = handler.execute(active.chain, iovecs: &active.iovecs)
-                do { try active.queue.complete(head: active.chain.head, written: written) } catch { return broken(error) }
+                bucket?.consume()
+                let written = device.handler.execute(chain, iovecs: &iovecs)
+                do { try queue.complete(head: chain.head, written: written) } catch { return fail(error) }
                 done += 1
             }
             do {
-                if try active.queue.rearmNotification() { continue }
+                if try queue.rearmNotification() { continue }
             } catch {
-                return broken(error)
+                return fail(error)
             }
-            return
+            return done
         }
-    }
-
-    private func resume() {
-        state.withLock { $0?.resumeTimer = nil }
-        process()
     }
 }

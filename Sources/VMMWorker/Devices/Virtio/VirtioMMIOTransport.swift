@@ -49,15 +49,25 @@ public final class VirtioInterrupt: Sendable {
 
     /// InterruptStatus as the driver reads it.
     public var pending: UInt32 { status.load(ordering: .acquiring) }
-    /// How many times the line was raised.
+    /// How many times the line was raised (pulses sent).
     public var signalCount: Int { signals.load(ordering: .relaxed) }
     public var deviceNeedsReset: Bool { needsReset.load(ordering: .acquiring) }
 
     /// Sets `bits` in InterruptStatus and raises the interrupt (§4.2.3.4: the device sets the
     /// InterruptStatus bit, then notifies). The line is edge-triggered (an ISA IRQ), so each
-    /// call is one KVM_IRQFD pulse.
+    /// raise is one KVM_IRQFD pulse.
+    ///
+    /// No pulse when every bit in `bits` was already set: the driver has then not yet
+    /// acknowledged an interrupt that was raised (and is latched in the interrupt controller),
+    /// and its handler reads InterruptStatus, acknowledges, and only then looks at the rings
+    /// (§4.2.2 InterruptStatus/InterruptACK; Linux's vm_interrupt does exactly that), so it
+    /// still sees the used buffers published before this call — the notification the driver
+    /// asked for (§2.7.7, §2.7.10) is delivered by the pending interrupt. The check and the set
+    /// are one atomic operation, and the acknowledge is an atomic clear of the same word, so
+    /// a bit is either seen set here (and its handler has not run its ack yet) or it is raised.
     public func signal(_ bits: UInt32) {
-        status.bitwiseOr(bits, ordering: .acquiringAndReleasing)
+        let old = status.bitwiseOr(bits, ordering: .acquiringAndReleasing).oldValue
+        if old & bits == bits { return }
         signals.add(1, ordering: .relaxed)
         var one: UInt64 = 1
         _ = withUnsafeBytes(of: &one) { Glibc.write(eventFD, $0.baseAddress, 8) }

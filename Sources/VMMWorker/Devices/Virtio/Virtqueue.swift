@@ -37,36 +37,71 @@ public struct VirtqueueLayout: Sendable, Equatable {
     }
 }
 
-/// One guest buffer of a descriptor chain, already checked to lie inside guest RAM.
+/// One guest buffer of a descriptor chain, checked to lie inside one region of guest RAM when
+/// it was made; `hostOffset` is where that check put it in the host mapping, so the device
+/// uses the bytes without translating (or checking) the address a second time.
 public struct GuestSegment: Sendable, Equatable {
     public let address: UInt64
     public let length: UInt32
+    /// Offset of `address` in the host mapping of guest RAM (``GuestMemory/hostOffset(_:length:)``).
+    let hostOffset: Int
+
+    /// A checked segment: `[address, address + length)` must lie inside one region of `memory`.
+    init(address: UInt64, length: UInt32, in memory: GuestMemory) throws(MemoryError) {
+        self.address = address
+        self.length = length
+        hostOffset = try memory.hostOffset(address, length: UInt64(length))
+    }
+
+    /// For the walker, which has just done the check.
+    @inline(__always)
+    init(address: UInt64, length: UInt32, hostOffset: Int) {
+        self.address = address
+        self.length = length
+        self.hostOffset = hostOffset
+    }
+
+    static let empty = GuestSegment(address: 0, length: 0, hostOffset: 0)
 }
 
 /// A descriptor chain taken from the available ring: its head (what goes back on the used
 /// ring) and its buffers, device-readable ones first (§2.7.4.2: "A driver MUST place any
 /// device-writable descriptor elements after any device-readable descriptor elements").
 ///
-/// A device keeps one per queue and refills it with ``SplitVirtqueue/next(into:)``: the arrays
-/// keep their capacity, so taking a chain allocates nothing once the queue has warmed up.
+/// A device keeps one per queue and refills it with ``SplitVirtqueue/next(into:)``: the
+/// segment storage is sized to the queue once (a chain has at most Queue Size buffers,
+/// §2.7.4.2), and a walk stores into it, so taking a chain allocates nothing.
 public struct DescriptorChain: Sendable, Equatable {
     public internal(set) var head: UInt16
-    public var readable: [GuestSegment] = []
-    public var writable: [GuestSegment] = []
-    public var readableLength: UInt64 = 0
-    public var writableLength: UInt64 = 0
+    /// The buffers, readable then writable; only the first `readableCount + writableCount`
+    /// entries belong to this chain.
+    var storage: [GuestSegment] = []
+    public internal(set) var readableCount = 0
+    public internal(set) var writableCount = 0
+    public internal(set) var readableLength: UInt64 = 0
+    public internal(set) var writableLength: UInt64 = 0
 
     public init(head: UInt16) {
         self.head = head
     }
 
-    /// Empties the chain for reuse, keeping the arrays' storage.
-    mutating func reset(head: UInt16) {
+    /// A chain made of already checked segments (unit tests of request handlers).
+    init(head: UInt16, readable: [GuestSegment], writable: [GuestSegment]) {
         self.head = head
-        readable.removeAll(keepingCapacity: true)
-        writable.removeAll(keepingCapacity: true)
-        readableLength = 0
-        writableLength = 0
+        storage = readable + writable
+        readableCount = readable.count
+        writableCount = writable.count
+        readableLength = readable.reduce(0) { $0 + UInt64($1.length) }
+        writableLength = writable.reduce(0) { $0 + UInt64($1.length) }
+    }
+
+    /// Index of the first writable segment in `storage`; the end is `segmentCount`.
+    var segmentCount: Int { readableCount + writableCount }
+    public var readable: ArraySlice<GuestSegment> { storage[0..<readableCount] }
+    public var writable: ArraySlice<GuestSegment> { storage[readableCount..<segmentCount] }
+
+    public static func == (a: DescriptorChain, b: DescriptorChain) -> Bool {
+        a.head == b.head && a.readable == b.readable && a.writable == b.writable
     }
 }
 
@@ -92,9 +127,12 @@ public struct VirtqueueError: Error, Sendable, Equatable, CustomStringConvertibl
 }
 
 /// The device side of one split virtqueue (§2.7), driven from one thread at a time (the
-/// thread of the device's event loop). Every read of guest memory is bounds-checked through
-/// ``GuestMemory``; indices are reduced modulo the queue size; chain walks are bounded by the
-/// queue size, so a malicious driver can neither escape guest RAM nor make this loop forever.
+/// thread of the device's event loop). Every guest-controlled value is checked: the rings
+/// were placed inside guest RAM once (their host offsets are kept, and the layout and RAM
+/// never change), descriptor and avail indices are checked against the table and queue
+/// sizes before they are used, every buffer address and length is translated with
+/// overflow-safe bounds checks, and chain walks are bounded by the queue size, so a
+/// malicious driver can neither escape guest RAM nor make this loop forever.
 public struct SplitVirtqueue: Sendable {
     static let descriptorNext: UInt16 = 1
     static let descriptorWrite: UInt16 = 2
@@ -113,30 +151,70 @@ public struct SplitVirtqueue: Sendable {
     /// The used idx at the last interrupt decision (for VIRTIO_F_EVENT_IDX, §2.7.10).
     private var signalledUsed: UInt16 = 0
 
+    /// Host offsets of the three rings, each checked to lie wholly inside one RAM region
+    /// (including used_event/avail_event). nil when they do not, or when the size is not a
+    /// power of 2 (§2.7: "Queue Size value is always a power of 2"; ring slots are then
+    /// `index & (size - 1)`): such a queue is broken at its first use. The transport never activates one
+    /// (``VirtqueueLayout/problem(maxSize:memory:)``).
+    struct Rings {
+        let descriptors: Int
+        let available: Int
+        let used: Int
+    }
+    let rings: Rings?
+
     public init(layout: VirtqueueLayout, memory: GuestMemory, eventIndex: Bool, indirect: Bool) {
         self.layout = layout
         self.memory = memory
         self.eventIndex = eventIndex
         self.indirect = indirect
+        if layout.size != 0, layout.size & (layout.size &- 1) == 0,
+            let descriptors = try? memory.hostOffset(layout.descriptorTable, length: layout.descriptorTableBytes),
+            let available = try? memory.hostOffset(layout.availableRing, length: layout.availableRingBytes),
+            let used = try? memory.hostOffset(layout.usedRing, length: layout.usedRingBytes)
+        {
+            rings = Rings(descriptors: descriptors, available: available, used: used)
+        } else {
+            rings = nil
+        }
     }
 
     var size: UInt16 { layout.size }
+    /// `index % size` for the free-running ring indices (size is a power of 2 once `rings`
+    /// is set, which every use of a slot checks first).
+    @inline(__always)
+    func slot(_ index: UInt16) -> Int { Int(index & (layout.size &- 1)) }
+
+    /// The checked ring offsets, or the error that breaks the queue.
+    @inline(__always)
+    func checkedRings() throws(VirtqueueError) -> Rings {
+        guard let rings else { throw VirtqueueError(kind: .queue, reason: "a ring lies outside guest RAM") }
+        return rings
+    }
+
+    /// A little-endian integer at byte `offset` of the host mapping (inside a checked ring).
+    @inline(__always)
+    func load<T: FixedWidthInteger>(_: T.Type, _ offset: Int) -> T {
+        T(littleEndian: (memory.base + offset).loadUnaligned(as: T.self))
+    }
+
+    @inline(__always)
+    func store<T: FixedWidthInteger>(_ value: T, _ offset: Int) {
+        (memory.base + offset).storeBytes(of: value.littleEndian, as: T.self)
+    }
 
     /// The driver's avail->idx.
-    func availableIndex() throws(VirtqueueError) -> UInt16 {
-        do {
-            let index = try memory.read(UInt16.self, at: layout.availableRing + 2)
-            // Acquire: ring entries written before idx must be seen after it (§2.7.13.2).
-            atomicMemoryFence(ordering: .acquiring)
-            return index
-        } catch {
-            throw VirtqueueError(kind: .queue, reason: "available ring unreadable")
-        }
+    @inline(__always)
+    func availableIndex(_ rings: Rings) -> UInt16 {
+        let index = load(UInt16.self, rings.available + 2)
+        // Acquire: ring entries written before idx must be seen after it (§2.7.13.2).
+        atomicMemoryFence(ordering: .acquiring)
+        return index
     }
 
     /// Whether the driver has made buffers available that this device has not taken.
     public func hasPending() throws(VirtqueueError) -> Bool {
-        try availableIndex() != lastAvailable
+        availableIndex(try checkedRings()) != lastAvailable
     }
 
     /// Takes the next available chain, or nil when there is none. A `.queue` error means the
@@ -150,168 +228,163 @@ public struct SplitVirtqueue: Sendable {
     /// ``next()`` into a chain the caller keeps: refills `chain` (reusing its storage) and
     /// returns true, or returns false when the driver has made nothing new available.
     public mutating func next(into chain: inout DescriptorChain) throws(VirtqueueError) -> Bool {
-        let available = try availableIndex()
+        let rings = try checkedRings()
+        let available = availableIndex(rings)
         if available == lastAvailable { return false }
         // §2.7.13.3: the driver may not have more than size buffers outstanding; an idx that
         // jumps further is a driver bug we must not follow.
         guard available &- lastAvailable <= size else {
             throw VirtqueueError(kind: .queue, reason: "avail idx \(available) is more than \(size) ahead of \(lastAvailable)")
         }
-        let slot = UInt64(lastAvailable % size)
-        let head: UInt16
-        do {
-            head = try memory.read(UInt16.self, at: layout.availableRing &+ 4 &+ 2 &* slot)
-        } catch {
-            throw VirtqueueError(kind: .queue, reason: "available ring unreadable")
-        }
+        // slot < size: inside the checked ring.
+        let slot = slot(lastAvailable)
+        let head = load(UInt16.self, rings.available + 4 + 2 * slot)
         guard head < size else {
             throw VirtqueueError(kind: .queue, reason: "avail ring entry \(slot) names descriptor \(head), beyond queue size \(size)")
         }
         lastAvailable &+= 1
-        try walk(head: head, into: &chain)
+        try walk(head: head, rings: rings, into: &chain)
         return true
-    }
-
-    struct RawDescriptor {
-        let address: UInt64
-        let length: UInt32
-        let flags: UInt16
-        let next: UInt16
-    }
-
-    /// Descriptor `index` of the table at `table`: one bounds-checked translation of its 16
-    /// bytes (the table was checked as a whole, but the guest may change anything at any
-    /// time, so each read is checked again; it costs one range comparison).
-    @inline(__always)
-    func descriptor(table: UInt64, index: UInt16, head: UInt16) throws(VirtqueueError) -> RawDescriptor {
-        let at = table &+ 16 &* UInt64(index)
-        let bytes: UnsafeMutableRawPointer
-        do {
-            bytes = try memory.hostPointer(at, length: 16)
-        } catch {
-            throw VirtqueueError(kind: .chain(head: head), reason: "descriptor \(index) at \(hex(at)) is not in guest RAM")
-        }
-        return RawDescriptor(
-            address: UInt64(littleEndian: bytes.loadUnaligned(as: UInt64.self)),
-            length: UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 8, as: UInt32.self)),
-            flags: UInt16(littleEndian: bytes.loadUnaligned(fromByteOffset: 12, as: UInt16.self)),
-            next: UInt16(littleEndian: bytes.loadUnaligned(fromByteOffset: 14, as: UInt16.self)))
     }
 
     /// Follows the chain from `head` (§2.7.5), through at most one indirect table (§2.7.5.3).
     func walk(head: UInt16) throws(VirtqueueError) -> DescriptorChain {
         var chain = DescriptorChain(head: head)
-        try walk(head: head, into: &chain)
+        try walk(head: head, rings: try checkedRings(), into: &chain)
         return chain
     }
 
-    /// ``walk(head:)`` into `chain`, which is reset first (its storage is reused).
-    func walk(head: UInt16, into chain: inout DescriptorChain) throws(VirtqueueError) {
-        chain.reset(head: head)
+    /// ``walk(head:)`` into `chain` (its storage is reused).
+    func walk(head: UInt16, rings: Rings, into chain: inout DescriptorChain) throws(VirtqueueError) {
         func fail(_ reason: String) -> VirtqueueError { VirtqueueError(kind: .chain(head: head), reason: reason) }
-
-        var table = layout.descriptorTable
-        var tableSize = size
-        var index = head
-        var seen = 0
-        var inIndirect = false
         // §2.7.4.2 / §2.7.5.3.1: the whole chain, indirect descriptors included, is at most
-        // Queue Size long; counting every step bounds the loop even when `next` cycles.
+        // Queue Size long; counting every step bounds the loop even when `next` cycles, and
+        // bounds the segments stored.
         let limit = Int(size)
-        while true {
-            guard index < tableSize else { throw fail("next index \(index) beyond table size \(tableSize)") }
-            seen += 1
-            guard seen <= limit else { throw fail("longer than the queue size \(size) (a loop?)") }
-            let d = try descriptor(table: table, index: index, head: head)
-            if d.flags & Self.descriptorIndirect != 0 {
-                // §2.7.5.3.1: only with VIRTIO_F_INDIRECT_DESC, never nested, never with NEXT.
-                guard indirect else { throw fail("indirect descriptor without VIRTIO_F_INDIRECT_DESC") }
-                guard !inIndirect else { throw fail("nested indirect table") }
-                guard d.flags & Self.descriptorNext == 0 else { throw fail("indirect descriptor with NEXT set") }
-                guard d.length != 0, d.length % 16 == 0 else {
-                    throw fail("indirect table length \(d.length) is not a non-zero multiple of 16")
+        if chain.storage.count < limit { chain.storage = Array(repeating: .empty, count: limit) }
+        chain.head = head
+        chain.readableCount = 0
+        chain.writableCount = 0
+        chain.readableLength = 0
+        chain.writableLength = 0
+
+        let memory = memory
+        let base = memory.base
+        let indirectAllowed = indirect
+        var readableLength: UInt64 = 0
+        var writableLength: UInt64 = 0
+        var readable = 0
+        var writable = 0
+        // Stores straight into the storage: one uniqueness check per walk, not per segment.
+        let result: VirtqueueError? = chain.storage.withUnsafeMutableBufferPointer { segments -> VirtqueueError? in
+            // The table being walked: its host offset and entry count (the whole table was
+            // checked to lie in guest RAM, so entry `index < tableSize` is inside it).
+            var table = rings.descriptors
+            var tableSize = UInt32(size)
+            var index = UInt32(head)
+            var seen = 0
+            var inIndirect = false
+            while true {
+                guard index < tableSize else { return fail("next index \(index) beyond table size \(tableSize)") }
+                seen += 1
+                guard seen <= limit else { return fail("longer than the queue size \(limit) (a loop?)") }
+                // One read of the guest's descriptor (it may change it at any time; every
+                // field is used from this copy only).
+                let at = base + table + 16 * Int(index)
+                let address = UInt64(littleEndian: at.loadUnaligned(as: UInt64.self))
+                let length = UInt32(littleEndian: at.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+                let flags = UInt16(littleEndian: at.loadUnaligned(fromByteOffset: 12, as: UInt16.self))
+                let next = UInt16(littleEndian: at.loadUnaligned(fromByteOffset: 14, as: UInt16.self))
+                if flags & Self.descriptorIndirect != 0 {
+                    // §2.7.5.3.1: only with VIRTIO_F_INDIRECT_DESC, never nested, never with NEXT.
+                    guard indirectAllowed else { return fail("indirect descriptor without VIRTIO_F_INDIRECT_DESC") }
+                    guard !inIndirect else { return fail("nested indirect table") }
+                    guard flags & Self.descriptorNext == 0 else { return fail("indirect descriptor with NEXT set") }
+                    guard length != 0, length % 16 == 0 else {
+                        return fail("indirect table length \(length) is not a non-zero multiple of 16")
+                    }
+                    guard let offset = try? memory.hostOffset(address, length: UInt64(length)) else {
+                        return fail("indirect table [\(hex(address)), +\(length)) is not in guest RAM")
+                    }
+                    guard length / 16 <= UInt32(UInt16.max) else { return fail("indirect table of \(length / 16) entries") }
+                    table = offset
+                    tableSize = length / 16
+                    index = 0
+                    inIndirect = true
+                    // The indirect descriptor itself does not count as a buffer.
+                    seen -= 1
+                    continue
                 }
-                guard memory.contains(d.address, length: UInt64(d.length)) else {
-                    throw fail("indirect table [\(hex(d.address)), +\(d.length)) is not in guest RAM")
+                guard length != 0 else { return fail("zero-length descriptor \(index)") }
+                guard let offset = try? memory.hostOffset(address, length: UInt64(length)) else {
+                    return fail("buffer [\(hex(address)), +\(length)) is not in guest RAM")
                 }
-                let entries = d.length / 16
-                guard entries <= UInt32(UInt16.max) else { throw fail("indirect table of \(entries) entries") }
-                table = d.address
-                tableSize = UInt16(entries)
-                index = 0
-                inIndirect = true
-                // The indirect descriptor itself does not count as a buffer.
-                seen -= 1
-                continue
+                // seen <= limit == storage count: the store is in bounds.
+                segments[readable + writable] = GuestSegment(address: address, length: length, hostOffset: offset)
+                // At most `size` (≤ 32768) segments of < 2^32 bytes each: the sums cannot overflow.
+                if flags & Self.descriptorWrite != 0 {
+                    writable += 1
+                    writableLength += UInt64(length)
+                } else {
+                    guard writable == 0 else { return fail("device-readable descriptor \(index) after a device-writable one") }
+                    readable += 1
+                    readableLength += UInt64(length)
+                }
+                guard flags & Self.descriptorNext != 0 else { return nil }
+                index = UInt32(next)
             }
-            guard d.length != 0 else { throw fail("zero-length descriptor \(index)") }
-            guard memory.contains(d.address, length: UInt64(d.length)) else {
-                throw fail("buffer [\(hex(d.address)), +\(d.length)) is not in guest RAM")
-            }
-            let segment = GuestSegment(address: d.address, length: d.length)
-            // At most `size` (≤ 32768) segments of < 2^32 bytes each: the sums cannot overflow.
-            if d.flags & Self.descriptorWrite != 0 {
-                chain.writable.append(segment)
-                chain.writableLength += UInt64(d.length)
-            } else {
-                guard chain.writable.isEmpty else { throw fail("device-readable descriptor \(index) after a device-writable one") }
-                chain.readable.append(segment)
-                chain.readableLength += UInt64(d.length)
-            }
-            guard d.flags & Self.descriptorNext != 0 else { return }
-            index = d.next
         }
+        if let result { throw result }
+        chain.readableCount = readable
+        chain.writableCount = writable
+        chain.readableLength = readableLength
+        chain.writableLength = writableLength
     }
 
     /// Puts `head` on the used ring with `written` bytes written to its device-writable
     /// buffers (§2.7.8) and publishes the new used idx.
     public mutating func complete(head: UInt16, written: UInt32) throws(VirtqueueError) {
-        let slot = UInt64(usedIndex % size)
-        let element = layout.usedRing &+ 4 &+ 8 &* slot
-        do {
-            let bytes = try memory.hostPointer(element, length: 8)
-            bytes.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
-            bytes.storeBytes(of: written.littleEndian, toByteOffset: 4, as: UInt32.self)
-            // Release: the element must be visible before the idx that publishes it.
-            atomicMemoryFence(ordering: .releasing)
-            usedIndex &+= 1
-            try memory.write(usedIndex, at: layout.usedRing &+ 2)
-        } catch {
-            throw VirtqueueError(kind: .queue, reason: "used ring unwritable")
-        }
+        guard let rings else { throw VirtqueueError(kind: .queue, reason: "used ring unwritable") }
+        // slot < size: inside the checked ring.
+        let element = rings.used + 4 + 8 * slot(usedIndex)
+        store(UInt32(head), element)
+        store(written, element + 4)
+        // Release: the element must be visible before the idx that publishes it.
+        atomicMemoryFence(ordering: .releasing)
+        usedIndex &+= 1
+        store(usedIndex, rings.used + 2)
     }
 
     /// With VIRTIO_F_EVENT_IDX, tells the driver to notify once it makes the next buffer
     /// available (avail_event = last_avail_idx, §2.7.10), then reports whether buffers
     /// arrived meanwhile (the caller processes them instead of waiting for a kick).
     public mutating func rearmNotification() throws(VirtqueueError) -> Bool {
+        let rings = try checkedRings()
         if eventIndex {
-            do {
-                try memory.write(lastAvailable, at: layout.usedRing + 4 + 8 * UInt64(size))
-            } catch {
-                throw VirtqueueError(kind: .queue, reason: "used ring unwritable")
-            }
+            store(lastAvailable, rings.used + 4 + 8 * Int(size))
             // Full fence: the avail_event store must be visible before idx is re-read, else a
             // driver check in between misses it and neither side acts (§2.7.10).
             atomicMemoryFence(ordering: .sequentiallyConsistent)
         }
-        return try hasPending()
+        return availableIndex(rings) != lastAvailable
     }
 
     /// Whether the driver wants an interrupt for the buffers used since the last call
     /// (§2.7.10 with EVENT_IDX: vring_need_event(used_event, new, old); without it, unless
     /// VIRTQ_AVAIL_F_NO_INTERRUPT is set).
     public mutating func needsInterrupt() -> Bool {
+        // Full fence: the used idx store must be visible before the driver's flags or
+        // used_event are read (the driver does the mirror image, §2.7.10).
         atomicMemoryFence(ordering: .sequentiallyConsistent)
         let old = signalledUsed
         let new = usedIndex
         signalledUsed = new
         guard old != new else { return false }
+        guard let rings else { return true }
         if eventIndex {
-            guard let usedEvent = try? memory.read(UInt16.self, at: layout.availableRing + 4 + 2 * UInt64(size)) else { return true }
+            let usedEvent = load(UInt16.self, rings.available + 4 + 2 * Int(size))
             return new &- usedEvent &- 1 < new &- old
         }
-        guard let flags = try? memory.read(UInt16.self, at: layout.availableRing) else { return true }
-        return flags & Self.availNoInterrupt == 0
+        return load(UInt16.self, rings.available) & Self.availNoInterrupt == 0
     }
 }
