@@ -58,6 +58,10 @@ case .printConfig:
     if let config = invocation.config { print(config.jsonValue.prettyText()) }
 case .run:
     guard let config = invocation.config else { exit(WorkerProcess.ExitStatus.configuration) }
+    if let unimplemented = VirtioPlan.unimplementedDevice(in: config) {
+        writeStandardError("flotilla-vmm: configuration error: \(unimplemented)\n")
+        exit(WorkerProcess.ExitStatus.configuration)
+    }
     if invocation.runtime.daemonize && !Daemon.isDaemonProcess {
         // The daemon is this program again, in a new session; wait until it is ready.
         let status = Daemon.launch(arguments: Array(CommandLine.arguments.dropFirst())) { message in

@@ -51,6 +51,32 @@ struct VMMCommandLineTests {
         #expect(leftovers.isEmpty, "left behind: \(leftovers)")
     }
 
+    @Test(
+        "a device this build does not implement yet is refused, naming its option, exit 1, nothing created",
+        arguments: [
+            (["-netdev", "id=net0,netdev=tap0"], "-netdev / net 'id=net0': virtio-net"),
+            (["-chardev", "id=con0,path=/tmp/flotilla-unused.sock"], "-chardev / console 'id=con0': virtio-console"),
+            (["-device", "vsock,id=vs0,guest-cid=3"], "-device vsock / vsock 'id=vs0': vhost-vsock"),
+            (["-balloon", "deflate-on-oom=on"], "-balloon / balloon: virtio-balloon"),
+            (["-rng", "random_file=/dev/urandom"], "-rng / rng 'random_file=/dev/urandom': virtio-rng"),
+        ])
+    func unimplementedDeviceRefused(device: [String], message: String) throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let result = try run(
+            vmm,
+            [
+                "-kernel", GuestImages.vmlinux, "-api-channel", "unix:" + directory.file("qmp.sock"), "-daemonize", "-pidfile",
+                directory.file("vm.pid"),
+            ]
+                + device)
+        #expect(result.status == 1)
+        #expect(result.standardError.contains(message), "\(result.standardError)")
+        #expect(result.standardError.contains("not implemented yet"))
+        let leftovers = try directory.contents()
+        #expect(leftovers.isEmpty, "left behind: \(leftovers)")
+    }
+
     @Test("--help lists every option; --version prints the version")
     func help() throws {
         let help = try run(vmm, ["--help"])
