@@ -8,10 +8,15 @@
 #define MAX_VIRTIO_DEVICES 32
 
 bool virtio_blk_probe(struct virtio_mmio_dev *dev);
+bool virtio_rng_probe(struct virtio_mmio_dev *dev);
+
+/* The kernel command line, for drivers' own parameters. */
+const char *virtio_cmdline = "";
 
 /* Add drivers here. */
 static const struct virtio_driver drivers[] = {
 	{ VIRTIO_ID_BLOCK, "virtio-blk", virtio_blk_probe },
+	{ VIRTIO_ID_RNG, "virtio-rng", virtio_rng_probe },
 };
 
 struct virtio_scan {
@@ -77,6 +82,7 @@ void virtio_probe_all(const char *cmdline)
 {
 	struct virtio_scan *sc = &vscan;
 	memset(sc, 0, sizeof(*sc));
+	virtio_cmdline = cmdline;
 	parse_params(cmdline, virtio_param, sc);
 
 	u32 empty = 0, bad = 0, legacy = 0, driver_fail = 0;

@@ -60,4 +60,7 @@ struct virtio_driver {
 	bool (*probe)(struct virtio_mmio_dev *dev);
 };
 
+/* The kernel command line, set by virtio_probe_all, for drivers' own parameters. */
+extern const char *virtio_cmdline;
+
 #endif

@@ -58,7 +58,6 @@ struct VMMCommandLineTests {
             (["-chardev", "id=con0,path=/tmp/flotilla-unused.sock"], "-chardev / console 'id=con0': virtio-console"),
             (["-device", "vsock,id=vs0,guest-cid=3"], "-device vsock / vsock 'id=vs0': vhost-vsock"),
             (["-balloon", "deflate-on-oom=on"], "-balloon / balloon: virtio-balloon"),
-            (["-rng", "random_file=/dev/urandom"], "-rng / rng 'random_file=/dev/urandom': virtio-rng"),
         ])
     func unimplementedDeviceRefused(device: [String], message: String) throws {
         let directory = try TemporaryDirectory()

@@ -17,6 +17,14 @@ public struct TokenBucket: Sendable {
         lastRefill = now
     }
 
+    /// A bucket of `rate` tokens per second holding at most `capacity` (≥ 1).
+    public init(rate: UInt64, capacity: Double, now: UInt64 = TokenBucket.monotonicNanoseconds()) {
+        self.rate = max(rate, 1)
+        self.capacity = max(1, capacity)
+        tokens = self.capacity
+        lastRefill = now
+    }
+
     public static func monotonicNanoseconds() -> UInt64 {
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC, &now)
@@ -31,13 +39,28 @@ public struct TokenBucket: Sendable {
 
     /// 0 when a token is available now, else the nanoseconds until one will be.
     public mutating func wait(now: UInt64 = TokenBucket.monotonicNanoseconds()) -> UInt64 {
+        wait(for: 1, now: now)
+    }
+
+    /// 0 when `count` tokens (at most the capacity) are available now, else the nanoseconds
+    /// until they will be.
+    public mutating func wait(for count: Double, now: UInt64 = TokenBucket.monotonicNanoseconds()) -> UInt64 {
         refill(now)
-        if tokens >= 1 { return 0 }
-        return UInt64(((1 - tokens) * 1e9 / Double(rate)).rounded(.up))
+        let needed = min(max(count, 1), capacity)
+        if tokens >= needed { return 0 }
+        return UInt64(((needed - tokens) * 1e9 / Double(rate)).rounded(.up))
     }
 
     /// Spends one token (call after ``wait(now:)`` returned 0).
     public mutating func consume() {
         tokens -= 1
+    }
+
+    /// Whole tokens available now (as of the last ``wait(now:)``).
+    public var available: UInt64 { tokens >= 1 ? UInt64(tokens) : 0 }
+
+    /// Spends `count` tokens (at most ``available``; a byte-rate limit spends one per byte).
+    public mutating func consume(_ count: UInt64) {
+        tokens -= Double(count)
     }
 }

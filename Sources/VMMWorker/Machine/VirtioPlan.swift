@@ -4,6 +4,7 @@ import Protocol
 public struct VirtioDeviceSpec: Sendable {
     public enum Kind: Sendable {
         case block(DriveConfig)
+        case rng(RngConfig)
     }
     public let slot: Int
     public let kind: Kind
@@ -21,6 +22,8 @@ public struct VirtioDeviceSpec: Sendable {
         case .block(let drive):
             let backend = try BlockBackend(drive: drive)
             return VirtioBlockDevice(backend: backend, memory: memory, loop: loop, iops: drive.iops ?? 0)
+        case .rng(let rng):
+            return try VirtioRngDevice(rng: rng, memory: memory, loop: loop)
         }
     }
 }
@@ -31,16 +34,28 @@ public enum VirtioPlan {
     public static let diskSlots = 0..<4
     public static let nicSlots = 4..<6
 
+    /// The slots of the optional devices that `config` has, in the documented order
+    /// (consoles, vsock, balloon, rng), from slot 6 on. Only rng exists so far.
+    static func optionalSlots(for config: VMConfig) -> (rng: Int?, count: Int) {
+        var next = nicSlots.upperBound
+        var rng: Int?
+        if config.rng != nil {
+            rng = next
+            next += 1
+        }
+        return (rng, next - nicSlots.upperBound)
+    }
+
     /// The slots announced on the kernel command line.
     public static func slots(for config: VMConfig) -> [VirtioMMIOSlot] {
-        (0..<nicSlots.upperBound).map { VirtioMMIOSlot(slot: $0) }
+        (0..<nicSlots.upperBound + optionalSlots(for: config).count).map { VirtioMMIOSlot(slot: $0) }
     }
 
     /// The first configured device this build cannot provide yet, as a configuration error
     /// naming its option: refusing it is better than starting a VM without a device its
     /// owner asked for (a StratoVirt command line is meant to give the same VM).
     public static func unimplementedDevice(in config: VMConfig) -> ConfigError? {
-        let supported = "-drive (virtio-blk), -serial, -iothread"
+        let supported = "-drive (virtio-blk), -rng (virtio-rng), -serial, -iothread"
         if let net = config.nets.first {
             return ConfigError(
                 field: "-netdev / net", value: "id=\(net.id)", problem: "virtio-net is not implemented yet", allowed: supported)
@@ -56,11 +71,6 @@ public enum VirtioPlan {
         }
         if config.balloon != nil {
             return ConfigError(field: "-balloon / balloon", problem: "virtio-balloon is not implemented yet", allowed: supported)
-        }
-        if let rng = config.rng {
-            return ConfigError(
-                field: "-rng / rng", value: "random_file=\(rng.randomFile)", problem: "virtio-rng is not implemented yet",
-                allowed: supported)
         }
         return nil
     }
@@ -80,6 +90,9 @@ public enum VirtioPlan {
                 loop = named
             }
             specs.append(VirtioDeviceSpec(slot: diskSlots.lowerBound + index, kind: .block(drive), loop: loop))
+        }
+        if let rng = config.rng, let slot = optionalSlots(for: config).rng {
+            specs.append(VirtioDeviceSpec(slot: slot, kind: .rng(rng), loop: mainLoop))
         }
         return specs
     }

@@ -26,6 +26,7 @@ public enum Virtio {
 
     public enum DeviceID {
         public static let block: UInt32 = 2
+        public static let rng: UInt32 = 4
     }
 
     // MARK: Interrupt status bits (§4.2.2, InterruptStatus)

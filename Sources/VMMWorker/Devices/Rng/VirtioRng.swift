@@ -1,0 +1,193 @@
+import CLinux
+import Glibc
+import Protocol
+import Synchronization
+
+/// A virtio-rng device (virtio 1.2 §5.4): one request queue whose device-writable buffers it
+/// fills with bytes read from the host's `random_file`, at most `bytes_per_sec` on average.
+///
+/// Sendable: immutable configuration; the live queue state is behind a Mutex, taken by the
+/// loop thread while it fills a batch and by vCPU threads on activation and reset.
+public final class VirtioRngDevice: VirtioDevice {
+    public static let queueSize: UInt16 = 256
+    /// The most one request gets in one go: Linux asks for 64 bytes at a time, and a bound
+    /// keeps one greedy buffer from holding the loop.
+    static let maxBytesPerRequest = 64 << 10
+    /// What a throttled queue waits to have before it hands out bytes again.
+    static let refillBytes: Double = 64
+
+    public let path: String
+    public let bytesPerSecond: UInt64?
+    public let loop: EventLoop
+    let memory: GuestMemory
+    /// `random_file`, opened non-blocking: a source with nothing to give (a FIFO, /dev/random
+    /// before the host's pool is ready) yields a short buffer, never a blocked loop.
+    let sourceFD: Int32
+
+    public var deviceID: UInt32 { Virtio.DeviceID.rng }
+    /// §5.4.3: no device-specific feature bits.
+    public var deviceFeatures: UInt64 { 0 }
+    public var queueMaxSizes: [UInt16] { [Self.queueSize] }
+
+    struct Active {
+        var queue: SplitVirtqueue
+        let interrupt: VirtioInterrupt
+        var token: EventLoop.Token?
+        var bucket: TokenBucket?
+        var resumeTimer: EventLoop.Token?
+        var broken = false
+    }
+
+    struct State {
+        var active: Active?
+        var chain = DescriptorChain(head: 0)
+        /// Bytes given to the guest since start.
+        var delivered: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+
+    /// Bytes given to the guest since start (for tests and statistics).
+    public var deliveredBytes: UInt64 { state.withLock { $0.delivered } }
+
+    /// Opens `rng.randomFile`; fails with the file and the reason.
+    public init(rng: RngConfig, memory: GuestMemory, loop: EventLoop) throws(DeviceError) {
+        path = rng.randomFile
+        bytesPerSecond = rng.bytesPerSecond
+        self.memory = memory
+        self.loop = loop
+        let fd = open(rng.randomFile, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+        guard fd >= 0 else {
+            throw DeviceError(.setup, "-rng random_file=\(rng.randomFile): cannot open: \(String(cString: strerror(errno)))")
+        }
+        sourceFD = fd
+    }
+
+    deinit { close(sourceFD) }
+
+    /// §5.4.4: no configuration space.
+    public func readConfig(offset: UInt64, length: Int) -> UInt64 { 0 }
+    public func writeConfig(offset: UInt64, length: Int, value: UInt64) {}
+
+    public func activate(_ activation: VirtioActivation) throws {
+        guard let first = activation.queues.first, let queue = first else {
+            throw DeviceError(.setup, "virtio-rng: the driver did not set up the request queue")
+        }
+        let notifyFD = activation.notifyFDs[0]
+        // The burst is 1/20 s worth, but at least one Linux-sized request (64 bytes), so a
+        // low rate still hands out whole requests (the reference: bytes_per_sec limits the
+        // average, not bursts).
+        let bucket = bytesPerSecond.map { TokenBucket(rate: $0, capacity: max(64, Double($0) / 20)) }
+        try state.withLock { state throws in
+            var active = Active(queue: queue, interrupt: activation.interrupt, bucket: bucket)
+            active.token = try loop.register(fd: notifyFD, events: EPOLLIN.rawValue) { [weak self] _ in
+                var value: UInt64 = 0
+                _ = withUnsafeMutableBytes(of: &value) { Glibc.read(notifyFD, $0.baseAddress, 8) }
+                self?.process()
+            }
+            state.active = active
+        }
+        loop.execute { [weak self] in self?.process() }
+    }
+
+    public func reset() {
+        state.withLock { state in
+            if let token = state.active?.token { loop.unregister(token) }
+            if let timer = state.active?.resumeTimer { loop.unregister(timer) }
+            state.active = nil
+        }
+    }
+
+    /// Fills what the driver made available (on the loop thread), until the ring is empty,
+    /// the rate limit runs dry (a one-shot timer resumes), or the queue breaks.
+    public func process() {
+        state.withLock { state in
+            state.delivered &+= state.active?.run(device: self, chain: &state.chain) ?? 0
+        }
+    }
+
+    func resumeFromTimer() {
+        state.withLock { $0.active?.resumeTimer = nil }
+        process()
+    }
+
+    /// Reads up to `limit` bytes of `random_file` into the chain's writable buffers, in order;
+    /// returns how many landed. Stops early at end of file or when the source has nothing now.
+    func fill(_ chain: DescriptorChain, limit: Int) -> Int {
+        var filled = 0
+        for segment in chain.writable where filled < limit {
+            let want = min(Int(segment.length), limit - filled)
+            let got =
+                (try? memory.withSlice(at: segment.address, length: UInt64(want)) { buffer -> Int in
+                    var total = 0
+                    while total < buffer.count {
+                        let count = Glibc.read(sourceFD, buffer.baseAddress.map { $0 + total }, buffer.count - total)
+                        if count < 0 && errno == EINTR { continue }
+                        if count <= 0 { break }
+                        total += count
+                    }
+                    return total
+                }) ?? 0
+            filled += got
+            if got < want { break }
+        }
+        return filled
+    }
+}
+
+extension VirtioRngDevice.Active {
+    /// One batch, then one interrupt if the driver wants one (§2.7.10). Returns the bytes given.
+    mutating func run(device: VirtioRngDevice, chain: inout DescriptorChain) -> UInt64 {
+        guard !broken else { return 0 }
+        let given = requests(device: device, chain: &chain)
+        if queue.needsInterrupt() { interrupt.signal(Virtio.Interrupt.usedBuffer) }
+        return given
+    }
+
+    private mutating func requests(device: VirtioRngDevice, chain: inout DescriptorChain) -> UInt64 {
+        var given: UInt64 = 0
+        func fail() -> UInt64 {
+            broken = true
+            interrupt.markNeedsReset()
+            return given
+        }
+        while true {
+            while true {
+                var allowance = VirtioRngDevice.maxBytesPerRequest
+                if bucket != nil {
+                    // Wait for a Linux-sized request's worth (64 bytes, or the whole burst if
+                    // smaller) rather than trickling single bytes out in as many requests.
+                    if let wait = bucket?.wait(for: VirtioRngDevice.refillBytes), wait > 0 {
+                        // Out of budget: the rest waits in the ring for a timer (not a kick).
+                        let pending: Bool
+                        do { pending = try queue.rearmNotification() } catch { return fail() }
+                        if pending && resumeTimer == nil {
+                            resumeTimer = try? device.loop.schedule(afterNanoseconds: wait) { [weak device] in device?.resumeFromTimer() }
+                        }
+                        return given
+                    }
+                    allowance = min(allowance, Int(bucket?.available ?? 0))
+                }
+                do {
+                    guard try queue.next(into: &chain) else { break }
+                } catch {
+                    guard case .chain(let head) = error.kind else { return fail() }
+                    do { try queue.complete(head: head, written: 0) } catch { return fail() }
+                    continue
+                }
+                // §5.4.6.1: the driver places only device-writable buffers; a request with
+                // readable ones is malformed and returned unused.
+                let written = chain.readableCount == 0 ? device.fill(chain, limit: allowance) : 0
+                bucket?.consume(UInt64(written))
+                do { try queue.complete(head: chain.head, written: UInt32(written)) } catch { return fail() }
+                given += UInt64(written)
+            }
+            do {
+                if try queue.rearmNotification() { continue }
+            } catch {
+                return fail()
+            }
+            return given
+        }
+    }
+}
