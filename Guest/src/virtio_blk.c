@@ -8,7 +8,9 @@
  * (GET_ID) and the first 64 KiB (four requests in flight at once, through
  * indirect tables when negotiated), read sector 0 into unaligned, oddly split
  * buffers, and with flotilla.nonce= write, flush and read back the last sector
- * (or check that a read-only disk refuses the write).
+ * (or check that a read-only disk refuses the write), then on a writable disk
+ * WRITE_ZEROES sectors 8..15 and DISCARD sectors 16..31, each over a pattern
+ * written first (read-back must be zeroes after WRITE_ZEROES).
  */
 #include "virtio.h"
 
@@ -16,6 +18,8 @@
 #define F_BLK_RO           (1UL << 5)
 #define F_BLK_BLK_SIZE     (1UL << 6)
 #define F_BLK_FLUSH        (1UL << 9)
+#define F_BLK_DISCARD      (1UL << 13)
+#define F_BLK_WRITE_ZEROES (1UL << 14)
 #define F_INDIRECT_DESC    (1UL << 28)
 #define F_EVENT_IDX        (1UL << 29)
 #define F_VERSION_1        (1UL << 32)
@@ -29,6 +33,14 @@
 #define T_OUT    1
 #define T_FLUSH  4
 #define T_GET_ID 8
+#define T_DISCARD 11
+#define T_WRITE_ZEROES 13
+
+/* The ranges the nonce run zeroes and discards (4 KiB-aligned: discard_sector_alignment). */
+#define WZ_SECTOR      8
+#define WZ_SECTORS     8
+#define DISCARD_SECTOR 16
+#define DISCARD_SECTORS 16
 
 #define DESC_NEXT     1
 #define DESC_WRITE    2
@@ -200,7 +212,8 @@ static bool blk_init(struct blkdev *b, const char **why)
 		*why = "no-version-1";
 		return false;
 	}
-	u64 wanted = F_VERSION_1 | F_BLK_RO | F_BLK_BLK_SIZE | F_BLK_FLUSH | F_BLK_SEG_MAX | F_INDIRECT_DESC | F_EVENT_IDX;
+	u64 wanted = F_VERSION_1 | F_BLK_RO | F_BLK_BLK_SIZE | F_BLK_FLUSH | F_BLK_SEG_MAX | F_INDIRECT_DESC | F_EVENT_IDX |
+		     F_BLK_DISCARD | F_BLK_WRITE_ZEROES;
 	b->features = offered & wanted;
 	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
 	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)b->features);
@@ -342,6 +355,70 @@ static const char *blk_nonce(struct blkdev *b)
 	return memcmp(in, out, 512) == 0 ? "written" : "mismatch";
 }
 
+/* struct virtio_blk_discard_write_zeroes (§5.2.6): one segment per request. */
+static struct { u64 sector; u32 num_sectors; u32 flags; } range_seg;
+
+/*
+ * Writes a pattern over `count` sectors from `sector`, then sends `type`
+ * (DISCARD or WRITE_ZEROES) over them; *zeroed says whether they read back as
+ * zeroes afterwards. Returns the result for the check line.
+ */
+static const char *blk_drop(struct blkdev *b, u32 type, u64 sector, u32 count, bool *zeroed)
+{
+	u64 feature = type == T_DISCARD ? F_BLK_DISCARD : F_BLK_WRITE_ZEROES;
+	/* §5.2.4: max_discard_sectors at 36, max_write_zeroes_sectors at 48. */
+	u32 limit = vm_read(b->dev, VIRTIO_MMIO_CONFIG + (type == T_DISCARD ? 36 : 48));
+	*zeroed = false;
+	if (!(b->features & feature))
+		return "not-offered";
+	if (limit < count)
+		return "limit-too-small";
+	u32 bytes = count * 512;
+	/* 8-byte stores and loads: the emulated guest runs ~1M instructions/s. */
+	u64 *words = (u64 *)data_buf;
+	for (u32 i = 0; i < bytes / 8; i++)
+		words[i] = 0x0101010101010101UL * (u64)((i & 0x7f) | 1) ^ (u64)i << 8;   /* low byte never 0 */
+	struct seg w = { data_buf, bytes, false };
+	u8 status;
+	if (!request(b, T_OUT, sector, &w, 1, &status))
+		return "pattern-write-failed";
+	range_seg.sector = sector;
+	range_seg.num_sectors = count;
+	range_seg.flags = 0;
+	struct seg r = { &range_seg, sizeof(range_seg), false };
+	if (!request(b, type, 0, &r, 1, &status))
+		return "refused";
+	for (u32 i = 0; i < bytes / 8; i++)
+		words[i] = ~0UL;
+	struct seg back = { data_buf, bytes, true };
+	if (!request(b, T_IN, sector, &back, 1, &status))
+		return "read-failed";
+	u64 any = 0;
+	for (u32 i = 0; i < bytes / 8; i++)
+		any |= words[i];
+	*zeroed = any == 0;
+	return "done";
+}
+
+/* flotilla.nonce on a writable disk: WRITE_ZEROES must zero, DISCARD must succeed. */
+static bool blk_discard_checks(struct blkdev *b)
+{
+	if (!opt_nonce || (b->features & F_BLK_RO) || b->capacity <= DISCARD_SECTOR + DISCARD_SECTORS)
+		return true;
+	char name[32];
+	bool zeroed;
+	const char *wz = blk_drop(b, T_WRITE_ZEROES, WZ_SECTOR, WZ_SECTORS, &zeroed);
+	bool wz_ok = wz[0] == 'd' && zeroed;
+	ksnprintf(name, sizeof(name), "blk%u_write_zeroes", b->index);
+	check(name, wz_ok, "sectors=%u+%u result=%s zeroed=%u", WZ_SECTOR, WZ_SECTORS, wz, zeroed ? 1 : 0);
+	/* §5.2.6.2: DISCARD is a hint; the data may or may not read back as zeroes. */
+	const char *dc = blk_drop(b, T_DISCARD, DISCARD_SECTOR, DISCARD_SECTORS, &zeroed);
+	bool dc_ok = dc[0] == 'd';
+	ksnprintf(name, sizeof(name), "blk%u_discard", b->index);
+	check(name, dc_ok, "sectors=%u+%u result=%s zeroed=%u", DISCARD_SECTOR, DISCARD_SECTORS, dc, zeroed ? 1 : 0);
+	return wz_ok && dc_ok;
+}
+
 /* flotilla.blkloop=<n>: n single-sector reads back to back, for rate measurements. */
 static void blk_loop(struct blkdev *b)
 {
@@ -388,9 +465,10 @@ bool virtio_blk_probe(struct virtio_mmio_dev *d)
 		kprintf("flotilla-guest: fact virtio-blk-nonce index=%u result=%s\n", b->index, nonce);
 		nonce_ok = ro ? nonce[0] == 'r' : nonce[0] == 'w';
 	}
+	bool drop_ok = blk_discard_checks(b);
 	if (b->index == 0 && opt_blkloop)
 		blk_loop(b);
-	bool ok = id_ok && head_ok && unaligned_ok && nonce_ok;
+	bool ok = id_ok && head_ok && unaligned_ok && nonce_ok && drop_ok;
 	check(name, ok, "base=0x%lx get_id=%s read=%s unaligned=%s nonce=%s", d->base, id_ok ? "ok" : "fail",
 	      head_ok ? "ok" : "fail", unaligned_ok ? "ok" : "fail", nonce ? nonce : "none");
 	return ok;

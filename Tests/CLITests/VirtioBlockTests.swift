@@ -35,6 +35,24 @@ struct VirtioBlockTests {
         return text + [UInt8](repeating: 0, count: 512 - text.count)
     }
 
+    /// With flotilla.nonce the guest WRITE_ZEROES sectors 8..15 and DISCARDs sectors 16..31
+    /// of every writable disk (each over a pattern it wrote first).
+    static let zeroedSectors = 8..<16
+    static let discardedSectors = 16..<32
+
+    /// `bytes` as the guest leaves a writable disk with flotilla.nonce: the write-zeroes and
+    /// discard ranges zero (our backend punches a hole or zeroes the range), the last sector
+    /// holding the nonce line.
+    static func afterNonceRun(_ bytes: [UInt8], index: Int, nonce: String) -> [UInt8] {
+        var expected = bytes
+        for sectors in [zeroedSectors, discardedSectors] where bytes.count > 512 * discardedSectors.upperBound {
+            expected.replaceSubrange(
+                512 * sectors.lowerBound..<512 * sectors.upperBound, with: [UInt8](repeating: 0, count: 512 * sectors.count))
+        }
+        expected.replaceSubrange(bytes.count - 512..<bytes.count, with: nonceSector(index: index, nonce: nonce))
+        return expected
+    }
+
     func boot(_ arguments: [String], append: String = "console=ttyS0") throws -> (ProcessResult, GuestReport) {
         let result = try run(vmm, ["-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append", append] + arguments, timeout: 120)
         return (result, GuestReport(output: result.standardOutput))
@@ -61,9 +79,10 @@ struct VirtioBlockTests {
         #expect(report.fact("virtio-blk-nonce")?["result"] == "written")
         #expect(report.checks["virtio-blk0"] == "ok", "\(report.lines)")
         #expect(report.done?.fail == 0, "\(report.lines)")
-        // After exit, the last sector holds the guest's line and nothing else changed.
+        // After exit, the last sector holds the guest's line, the write-zeroes and discard
+        // ranges are zero, and nothing else changed.
         let after = try Self.contents(image)
-        bytes.replaceSubrange(bytes.count - 512..<bytes.count, with: Self.nonceSector(index: 0, nonce: nonce))
+        bytes = Self.afterNonceRun(bytes, index: 0, nonce: nonce)
         #expect(after == bytes)
     }
 
@@ -103,6 +122,63 @@ struct VirtioBlockTests {
         #expect(Array(try Self.contents(image).suffix(512)) == Self.nonceSector(index: 0, nonce: "42"))
     }
 
+    /// Allocated bytes of `path` (st_blocks × 512).
+    static func allocated(_ path: String) -> Int {
+        var info = stat()
+        return stat(path, &info) == 0 ? Int(info.st_blocks) * 512 : -1
+    }
+
+    @Test("discard and write-zeroes from the guest reach the file: zeroes, and a punched hole", arguments: ["off", "on"])
+    func discardAndWriteZeroes(direct: String) throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let image = directory.file("z.img")
+        let bytes = Self.randomBytes(1 << 20)
+        try Self.write(bytes, to: image)
+        let before = Self.allocated(image)
+        let (result, report) = try boot(["-drive", "id=z,file=\(image),direct=\(direct)"], append: "console=ttyS0 flotilla.nonce=5eed")
+        #expect(result.status == 0, "\(result.standardError)")
+        // The guest negotiated both features, saw zeroes after WRITE_ZEROES, and (our backend
+        // punches a hole for DISCARD) after DISCARD too.
+        let lines = report.lines.filter { $0.contains(" check blk0_") }
+        #expect(report.checks["blk0_write_zeroes"] == "ok", "\(report.lines)")
+        #expect(report.checks["blk0_discard"] == "ok", "\(report.lines)")
+        #expect(lines.allSatisfy { $0.contains("zeroed=1") }, "\(lines)")
+        #expect(report.done?.fail == 0, "\(report.lines)")
+        let after = try Self.contents(image)
+        #expect(after.count == bytes.count, "the file keeps its size (PUNCH_HOLE | KEEP_SIZE)")
+        #expect(after == Self.afterNonceRun(bytes, index: 0, nonce: "5eed"))
+        // DISCARD on a raw file is fallocate(PUNCH_HOLE | KEEP_SIZE) over the 4 KiB-aligned
+        // range: where the file system punches holes, the range is a hole afterwards.
+        let fd = open(image, O_RDONLY)
+        defer { close(fd) }
+        let start = off_t(512 * Self.discardedSectors.lowerBound)
+        let end = off_t(512 * Self.discardedSectors.upperBound)
+        if Self.punchesHoles(directory.file("probe")) {
+            #expect(lseek(fd, start, Self.seekHole) == start, "no hole at the discarded range")
+            #expect(lseek(fd, start, Self.seekData) >= end, "data inside the discarded range")
+            #expect(Self.allocated(image) <= before - Int(end - start), "allocated \(before) -> \(Self.allocated(image)) bytes")
+        }
+    }
+
+    /// lseek whence values (Linux <unistd.h>; Glibc's Swift module does not export them).
+    static let seekData: Int32 = 3
+    static let seekHole: Int32 = 4
+
+    /// Whether the file system under `path` deallocates with fallocate(PUNCH_HOLE | KEEP_SIZE),
+    /// probed with util-linux fallocate(1) on a scratch file.
+    static func punchesHoles(_ path: String) -> Bool {
+        let tool = "/usr/bin/fallocate"
+        guard access(tool, X_OK) == 0, (try? write([UInt8](repeating: 1, count: 16384), to: path)) != nil else { return false }
+        defer { unlink(path) }
+        guard let result = try? run(tool, ["--punch-hole", "--offset", "4096", "--length", "8192", path]), result.status == 0 else {
+            return false
+        }
+        let fd = open(path, O_RDONLY)
+        defer { close(fd) }
+        return fd >= 0 && lseek(fd, 4096, seekHole) == 4096
+    }
+
     @Test("four disks at once, each with its serial, contents and nonce; one read-only; two on iothreads")
     func fourDisks() throws {
         let directory = try TemporaryDirectory()
@@ -137,8 +213,9 @@ struct VirtioBlockTests {
             if index == 2 {
                 #expect(after == bytes)
             } else {
-                #expect(Array(after.suffix(512)) == Self.nonceSector(index: index, nonce: "feed"), "disk \(index)")
-                #expect(Array(after.prefix(bytes.count - 512)) == Array(bytes.prefix(bytes.count - 512)), "disk \(index)")
+                #expect(after == Self.afterNonceRun(bytes, index: index, nonce: "feed"), "disk \(index)")
+                #expect(report.checks["blk\(index)_write_zeroes"] == "ok", "\(report.lines)")
+                #expect(report.checks["blk\(index)_discard"] == "ok", "\(report.lines)")
             }
         }
         let nonces = report.facts("virtio-blk-nonce").map { $0["result"] ?? "" }
