@@ -7,6 +7,7 @@
 #include "fl_blockio.h"
 #include "fl_epoll.h"
 #include "fl_eventfd.h"
+#include "fl_fdpass.h"
 #include "fl_malloc.h"
 #include "fl_peercred.h"
 #include "fl_pidfd.h"

@@ -52,7 +52,8 @@ public final class QMPServer: Sendable {
 
     private struct CommandGate {
         var table: QMPCommandTable?
-        var held: [(connection: QMPConnection, command: QMP.Command)] = []
+        /// Each with the descriptors that arrived with it (SCM_RIGHTS), still to be claimed.
+        var held: [(connection: QMPConnection, command: QMP.Command, fds: [Int32])] = []
     }
 
     /// Binds and listens on `path` with the commands answered at once.
@@ -88,8 +89,12 @@ public final class QMPServer: Sendable {
                 defer { gate.held.removeAll() }
                 return gate.held
             }
-            for (connection, command) in held where !connection.isClosed {
-                dispatch(command, from: connection, table: table)
+            for (connection, command, fds) in held {
+                if connection.isClosed {
+                    QMPConnection.closeAll(fds)
+                } else {
+                    dispatch(command, from: connection, table: table, fds: fds)
+                }
             }
         }
     }
@@ -119,6 +124,11 @@ public final class QMPServer: Sendable {
             return Array(connections.values)
         }
         for connection in all { connection.close() }
+        let held = commandGate.withLock { gate in
+            defer { gate.held.removeAll() }
+            return gate.held
+        }
+        for entry in held { QMPConnection.closeAll(entry.fds) }
     }
 
     /// Sends an event to every client that completed capabilities negotiation. Any thread.
@@ -142,26 +152,41 @@ public final class QMPServer: Sendable {
                 if errno == EINTR { continue }
                 return  // EAGAIN: no more pending connections; other errors: try again on the next event
             }
-            let connection = QMPConnection(fd: fd, loop: loop) { [weak self] connection, piece in
-                self?.handle(piece, from: connection)
-            } onClose: { [weak self] fd in
-                _ = self?.connections.withLock { $0.removeValue(forKey: fd) }
-            }
-            do {
-                try connection.start()
-            } catch {
-                Syscall.close(fd)
-                continue
-            }
-            connections.withLock { $0[fd] = connection }
-            connection.send(greeting)
+            _ = adopt(fd)
         }
     }
 
-    private func handle(_ piece: JSONStreamSplitter.Piece, from connection: QMPConnection) {
+    /// Serves the connected, non-blocking socket `fd` as a new client: greeted, then in
+    /// capabilities negotiation mode like any other. Closes `fd` and returns false if it
+    /// cannot be watched. On the loop thread.
+    private func adopt(_ fd: Int32) -> Bool {
+        let connection = QMPConnection(fd: fd, loop: loop) { [weak self] connection, piece, fds in
+            guard let self else {
+                QMPConnection.closeAll(fds)
+                return
+            }
+            self.handle(piece, from: connection, fds: fds)
+        } onClose: { [weak self] fd in
+            _ = self?.connections.withLock { $0.removeValue(forKey: fd) }
+        }
+        do {
+            try connection.start()
+        } catch {
+            Syscall.close(fd)
+            return false
+        }
+        connections.withLock { $0[fd] = connection }
+        connection.send(greeting)
+        return true
+    }
+
+    /// One piece of a client's input, with the descriptors that arrived with it (SCM_RIGHTS):
+    /// a command that claims them (getfd) takes them, every other path closes them.
+    private func handle(_ piece: JSONStreamSplitter.Piece, from connection: QMPConnection, fds: [Int32]) {
         let text: [UInt8]
         switch piece {
         case .garbage(let reason):
+            QMPConnection.closeAll(fds)
             connection.send(QMP.frame(QMP.error(.genericError, "JSON parse error, \(reason)", id: nil)))
             return
         case .message(let bytes):
@@ -170,12 +195,14 @@ public final class QMPServer: Sendable {
         let command: QMP.Command
         switch QMP.parseCommand(text) {
         case .failure(let error):
+            QMPConnection.closeAll(fds)
             connection.send(QMP.frame(QMP.error(.genericError, error.description, id: error.id)))
             return
         case .success(let parsed):
             command = parsed
         }
         if !connection.negotiated {
+            QMPConnection.closeAll(fds)
             // QMP spec §4: only qmp_capabilities is accepted in capabilities negotiation mode.
             guard command.name == "qmp_capabilities" else {
                 connection.send(
@@ -194,32 +221,168 @@ public final class QMPServer: Sendable {
             return
         }
         let table = commandGate.withLock { gate -> QMPCommandTable? in
-            if gate.table == nil { gate.held.append((connection, command)) }
+            if gate.table == nil { gate.held.append((connection, command, fds)) }
             return gate.table
         }
-        if let table { dispatch(command, from: connection, table: table) }
+        if let table { dispatch(command, from: connection, table: table, fds: fds) }
     }
 
-    /// Runs one command and sends its reply. On the loop thread.
-    private func dispatch(_ command: QMP.Command, from connection: QMPConnection, table commands: QMPCommandTable) {
+    /// The commands the server answers itself, for every table: they act on the connection
+    /// (its named descriptors) or on the server (a new client).
+    static let descriptorCommands = ["add_client", "closefd", "getfd"]
+
+    /// Runs one command and sends its reply; `fds` arrived with it and are claimed by
+    /// getfd or closed. On the loop thread.
+    private func dispatch(_ command: QMP.Command, from connection: QMPConnection, table commands: QMPCommandTable, fds: [Int32]) {
+        var fds = fds
+        defer { QMPConnection.closeAll(fds) }
         if command.name == "query-commands" {
-            let names = commands.names + ["query-commands"]
-            let list = JSONValue.array(names.sorted().map { .object(["name": .string($0)]) })
+            let names = commands.names + ["query-commands"] + Self.descriptorCommands
+            let list = JSONValue.array(Set(names).sorted().map { .object(["name": .string($0)]) })
             connection.send(QMP.frame(QMP.success(list, id: command.id)))
             return
         }
-        guard let handler = commands.handlers[command.name] else {
-            connection.send(
-                QMP.frame(QMP.error(.commandNotFound, "The command \(command.name) has not been found", id: command.id)))
-            return
+        let result: Result<JSONValue, QMPCommandError>
+        switch command.name {
+        case "getfd":
+            let claimed = fds.isEmpty ? nil : fds.removeFirst()
+            result = getfd(command.arguments, fd: claimed, on: connection)
+        case "closefd":
+            result = closefd(command.arguments, on: connection)
+        case "add_client":
+            result = addClient(command.arguments, on: connection)
+        default:
+            guard let handler = commands.handlers[command.name] else {
+                connection.send(
+                    QMP.frame(QMP.error(.commandNotFound, "The command \(command.name) has not been found", id: command.id)))
+                return
+            }
+            result = handler(command.arguments)
         }
-        switch handler(command.arguments) {
+        switch result {
         case .success(let value):
             connection.send(QMP.frame(QMP.success(value, id: command.id)))
         case .failure(let error):
             connection.send(QMP.frame(QMP.error(error.errorClass, error.description, id: command.id)))
         }
         commands.afterReply[command.name]?()
+    }
+
+    /// QMP reference "getfd": keeps the descriptor that came with the command (SCM_RIGHTS)
+    /// under `fdname` on this connection, replacing (and closing) one of the same name.
+    private func getfd(_ arguments: JSONObject, fd: Int32?, on connection: QMPConnection) -> Result<JSONValue, QMPCommandError> {
+        let fdname: String
+        do throws(QMPCommandError) {
+            try Self.checkArguments(arguments, allowed: ["fdname"])
+            fdname = try Self.string("fdname", in: arguments)
+        } catch {
+            if let fd { Syscall.close(fd) }
+            return .failure(error)
+        }
+        guard let fd else { return .failure(QMPCommandError(.genericError, "No file descriptor supplied via SCM_RIGHTS")) }
+        // QEMU refuses names starting with a digit (they would read as descriptor numbers).
+        if let first = fdname.utf8.first, first >= UInt8(ascii: "0"), first <= UInt8(ascii: "9") {
+            Syscall.close(fd)
+            return .failure(QMPCommandError(.genericError, "Parameter 'fdname' expects a name not starting with a digit"))
+        }
+        if let old = connection.namedFDs[fdname] {
+            connection.namedFDs[fdname] = fd
+            Syscall.close(old)
+            return .success(.object([:]))
+        }
+        guard connection.namedFDs.count < QMPConnection.maximumNamedFDs else {
+            Syscall.close(fd)
+            return .failure(
+                QMPCommandError(
+                    .genericError,
+                    "Parameter 'fdname' value '\(fdname)' is refused: this connection already holds "
+                        + "\(QMPConnection.maximumNamedFDs) file descriptors, the most allowed; close one with closefd"))
+        }
+        connection.namedFDs[fdname] = fd
+        return .success(.object([:]))
+    }
+
+    /// QMP reference "closefd": closes the descriptor this connection holds as `fdname`.
+    private func closefd(_ arguments: JSONObject, on connection: QMPConnection) -> Result<JSONValue, QMPCommandError> {
+        let fdname: String
+        do throws(QMPCommandError) {
+            try Self.checkArguments(arguments, allowed: ["fdname"])
+            fdname = try Self.string("fdname", in: arguments)
+        } catch {
+            return .failure(error)
+        }
+        guard let fd = connection.namedFDs.removeValue(forKey: fdname) else {
+            return .failure(QMPCommandError(.genericError, "File descriptor named '\(fdname)' not found"))
+        }
+        Syscall.close(fd)
+        return .success(.object([:]))
+    }
+
+    /// QMP reference "add_client": the socket held as `fdname` (taken from this connection's
+    /// descriptors, as QEMU's monitor_get_fd does) becomes a new client of this server,
+    /// greeted and negotiating on its own. Only `protocol: "qmp"` is served here (QEMU's
+    /// others are spice, vnc, @dbus-display and chardev names); `skipauth` is accepted and
+    /// means nothing (there is no authentication), `tls: true` is refused.
+    private func addClient(_ arguments: JSONObject, on connection: QMPConnection) -> Result<JSONValue, QMPCommandError> {
+        let fdname: String
+        let requestedProtocol: String
+        do throws(QMPCommandError) {
+            try Self.checkArguments(arguments, allowed: ["protocol", "fdname", "skipauth", "tls"])
+            requestedProtocol = try Self.string("protocol", in: arguments)
+            fdname = try Self.string("fdname", in: arguments)
+            _ = try Self.bool("skipauth", in: arguments)
+            if try Self.bool("tls", in: arguments) == true {
+                throw QMPCommandError(
+                    .genericError, "Parameter 'tls' value 'true' is not supported: the QMP socket has no TLS; allowed: false")
+            }
+        } catch {
+            return .failure(error)
+        }
+        guard let fd = connection.namedFDs.removeValue(forKey: fdname) else {
+            return .failure(QMPCommandError(.genericError, "File descriptor named '\(fdname)' has not been found"))
+        }
+        var info = stat()
+        guard fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else {
+            Syscall.close(fd)
+            return .failure(QMPCommandError(.genericError, "parameter @fdname must name a socket"))
+        }
+        guard requestedProtocol == "qmp" else {
+            Syscall.close(fd)
+            return .failure(
+                QMPCommandError(
+                    .genericError, "protocol '\(requestedProtocol)' is invalid; allowed: 'qmp' (a new QMP client of this server)"))
+        }
+        let flags = fcntl(fd, F_GETFL)
+        guard flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else {
+            let code = errno
+            Syscall.close(fd)
+            return .failure(QMPCommandError(.genericError, "cannot make the socket non-blocking: \(String(cString: strerror(code)))"))
+        }
+        guard adopt(fd) else { return .failure(QMPCommandError(.genericError, "failed to add client")) }
+        return .success(.object([:]))
+    }
+
+    /// QEMU's argument checks, with its wording (qapi visitors).
+    private static func checkArguments(_ arguments: JSONObject, allowed: Set<String>) throws(QMPCommandError) {
+        for key in arguments.keys.sorted() where !allowed.contains(key) {
+            throw QMPCommandError(.genericError, "Parameter '\(key)' is unexpected")
+        }
+    }
+
+    private static func string(_ key: String, in arguments: JSONObject) throws(QMPCommandError) -> String {
+        guard let value = arguments[key] else { throw QMPCommandError(.genericError, "Parameter '\(key)' is missing") }
+        guard let text = value.stringValue else {
+            throw QMPCommandError(.genericError, "Invalid parameter type for '\(key)', expected: string")
+        }
+        return text
+    }
+
+    private static func bool(_ key: String, in arguments: JSONObject) throws(QMPCommandError) -> Bool? {
+        guard let value = arguments[key] else { return nil }
+        guard case .bool(let flag) = value else {
+            throw QMPCommandError(.genericError, "Invalid parameter type for '\(key)', expected: boolean")
+        }
+        return flag
     }
 }
 
@@ -228,26 +391,39 @@ public final class QMPServer: Sendable {
 /// `@unchecked Sendable`: every stored property except the immutable `fd`, `loop` and
 /// callbacks is touched only on `loop`'s thread (handlers and `execute`d work run there).
 final class QMPConnection: @unchecked Sendable {
+    /// The most descriptors a connection may hold by name (getfd) at once.
+    static let maximumNamedFDs = 16
+
     let fd: Int32
     private let loop: EventLoop
-    private let onPiece: (QMPConnection, JSONStreamSplitter.Piece) -> Void
+    /// A complete piece of input and the descriptors that arrived with it, now the
+    /// callee's to keep or close.
+    private let onPiece: (QMPConnection, JSONStreamSplitter.Piece, [Int32]) -> Void
     private let onClose: (Int32) -> Void
     private var splitter = JSONStreamSplitter()
     private var output: [UInt8] = []
     private var token: EventLoop.Token?
     private var closed = false
+    /// Descriptors that arrived in the middle of a command not yet complete: they go with it.
+    private var pendingFDs: [Int32] = []
+    /// Descriptors kept by getfd, by name (QMP reference "getfd"); closed with the connection.
+    var namedFDs: [String: Int32] = [:]
     var negotiated = false
     var isClosed: Bool { closed }
 
     init(
         fd: Int32, loop: EventLoop,
-        onPiece: @escaping (QMPConnection, JSONStreamSplitter.Piece) -> Void,
+        onPiece: @escaping (QMPConnection, JSONStreamSplitter.Piece, [Int32]) -> Void,
         onClose: @escaping (Int32) -> Void
     ) {
         self.fd = fd
         self.loop = loop
         self.onPiece = onPiece
         self.onClose = onClose
+    }
+
+    static func closeAll(_ fds: [Int32]) {
+        for fd in fds { Syscall.close(fd) }
     }
 
     func start() throws(SyscallError) {
@@ -261,22 +437,74 @@ final class QMPConnection: @unchecked Sendable {
         if events & (EPOLLIN.rawValue | EPOLLHUP.rawValue | EPOLLRDHUP.rawValue | EPOLLERR.rawValue) != 0 { readAvailable() }
     }
 
+    /// Reads with recvmsg so that descriptors passed with SCM_RIGHTS arrive (close-on-exec).
+    /// On a stream socket Linux ends a read right after the message that carried them
+    /// (unix(7)), so they belong to the command whose text reaches the end of this read: the
+    /// last one completed here if nothing but white space follows it, else the next one to
+    /// complete. Descriptors that arrive with white space alone are closed.
     private func readAvailable() {
         var chunk = [UInt8](repeating: 0, count: 4096)
+        var received = [Int32](repeating: -1, count: Int(FL_FDPASS_MAX))
         while !closed {
-            let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if count > 0 {
-                for piece in splitter.append(chunk[0..<count]) {
-                    onPiece(self, piece)
-                    if closed { return }
+            var receivedCount: Int32 = 0
+            let count = chunk.withUnsafeMutableBytes { bytes in
+                received.withUnsafeMutableBufferPointer {
+                    fl_recv_with_fds(fd, bytes.baseAddress, bytes.count, 0, $0.baseAddress, &receivedCount)
                 }
+            }
+            let arrived = Array(received.prefix(Int(receivedCount)))
+            if count > 0 {
+                let bytes = chunk[0..<count]
+                let pieces = splitter.append(bytes)
+                var given = [[Int32]](repeating: [], count: pieces.count)
+                if !pieces.isEmpty {
+                    given[0] = pendingFDs
+                    pendingFDs = []
+                }
+                if !arrived.isEmpty {
+                    if let last = pieces.last, Self.piece(last, endsContentOf: bytes) {
+                        given[pieces.count - 1] += arrived
+                    } else if bytes.contains(where: { !Self.isSpace($0) }) {
+                        pendingFDs += arrived
+                    } else {
+                        Self.closeAll(arrived)
+                    }
+                    if pendingFDs.count > Int(FL_FDPASS_MAX) {
+                        Self.closeAll(Array(pendingFDs.dropLast(Int(FL_FDPASS_MAX))))
+                        pendingFDs = Array(pendingFDs.suffix(Int(FL_FDPASS_MAX)))
+                    }
+                }
+                for (index, piece) in pieces.enumerated() {
+                    if closed {
+                        Self.closeAll(given[index])
+                        continue
+                    }
+                    onPiece(self, piece, given[index])
+                }
+                if closed { return }
                 continue
             }
+            Self.closeAll(arrived)
             if count < 0 && errno == EINTR { continue }
             if count < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return }
             close()  // end of stream or a socket error
             return
         }
+    }
+
+    private static func isSpace(_ byte: UInt8) -> Bool {
+        byte == 0x20 || byte == 0x09 || byte == 0x0a || byte == 0x0d
+    }
+
+    /// Whether `piece` ends where the non-white-space content of `bytes` ends (the piece may
+    /// have begun in an earlier read).
+    private static func piece(_ piece: JSONStreamSplitter.Piece, endsContentOf bytes: ArraySlice<UInt8>) -> Bool {
+        guard case .message(let text) = piece else { return true }  // garbage: closed with it
+        var end = bytes.endIndex
+        while end > bytes.startIndex, isSpace(bytes[end - 1]) { end -= 1 }
+        let content = bytes[bytes.startIndex..<end]
+        let compared = min(content.count, text.count)
+        return compared > 0 && content.suffix(compared).elementsEqual(text.suffix(compared))
     }
 
     /// Queues `bytes` and writes what the socket takes now.
@@ -308,6 +536,10 @@ final class QMPConnection: @unchecked Sendable {
         closed = true
         if let token { loop.unregister(token) }
         Syscall.close(fd)
+        Self.closeAll(pendingFDs)
+        Self.closeAll(Array(namedFDs.values))
+        pendingFDs = []
+        namedFDs = [:]
         onClose(fd)
     }
 }
