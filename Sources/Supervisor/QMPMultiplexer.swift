@@ -126,12 +126,18 @@ final class WorkerQMPConnection {
         connection.send(framed: framed)
     }
 
-    /// Sends a command for `origin` with a wire id of its own.
-    func execute(name: String, arguments: JSONObject, origin: Origin) {
+    /// Sends a command for `origin` with a wire id of its own; with `fd`, that descriptor
+    /// goes with it (SCM_RIGHTS, as QEMU's getfd expects) and is closed here once passed.
+    func execute(name: String, arguments: JSONObject, origin: Origin, passing fd: Int32? = nil) {
         let id = nextID
         nextID += 1
         pending[id] = origin
-        connection.send(QMP.Command(name: name, arguments: arguments, id: .integer(id)).jsonValue)
+        let message = QMP.Command(name: name, arguments: arguments, id: .integer(id)).jsonValue
+        if let fd {
+            connection.send(framed: QMP.frame(message), passing: fd)
+        } else {
+            connection.send(message)
+        }
     }
 
     private func closed() {
@@ -153,6 +159,13 @@ final class WorkerQMPConnection {
 /// client gets the worker's greeting and negotiates capabilities on its own; commands go
 /// through the one worker connection with ids rewritten, and each reply carries the client's
 /// own id back; events reach every negotiated client.
+///
+/// With `handoff` (flotillad --qmp-handoff) clients are not proxied: each accepted socket
+/// is passed to the worker with QEMU's own mechanism, `getfd` (the descriptor rides on the
+/// command, SCM_RIGHTS) then `add_client` with protocol "qmp" (QMP reference), and flotillad
+/// closes its copy. The worker greets and serves the client directly, so round trips cost
+/// what they cost without flotillad, and the client outlives a flotillad restart; flotillad
+/// then neither sees nor polices what the client sends.
 final class QMPMultiplexer {
     private final class Client {
         let connection: JSONConnection
@@ -165,13 +178,20 @@ final class QMPMultiplexer {
     private var listener: Listener?
     private var clients: [UInt64: Client] = [:]
     private var nextClient: UInt64 = 1
+    private let handoff: Bool
+    /// Clients passed to the worker so far (hand-off mode).
+    private(set) var handedOff = 0
     /// Events also go to flotillad itself (STOP/RESUME/SHUTDOWN change a VM's state).
     var onEvent: (JSONObject) -> Void = { _ in }
     var clientCount: Int { clients.count }
 
-    init(path: String, worker: WorkerQMPConnection, reactor: Reactor) throws(SystemCallError) {
+    /// Reports a hand-off the worker refused: the client name and the worker's error.
+    var onHandoffFailure: (String, JSONObject) -> Void = { _, _ in }
+
+    init(path: String, worker: WorkerQMPConnection, reactor: Reactor, handoff: Bool = false) throws(SystemCallError) {
         self.worker = worker
         self.reactor = reactor
+        self.handoff = handoff
         worker.onEvent = { [weak self] event in self?.fanOut(event) }
         worker.onReply = { [weak self] origin, reply in self?.route(origin, reply) }
         worker.onRawReply = { [weak self] origin, bytes, members, id in self?.route(origin, bytes, members, id) }
@@ -179,6 +199,10 @@ final class QMPMultiplexer {
     }
 
     private func accept(_ fd: Int32) {
+        if handoff {
+            handOff(fd)
+            return
+        }
         let connection: JSONConnection
         do {
             connection = try JSONConnection(fd: fd, reactor: reactor)
@@ -192,6 +216,26 @@ final class QMPMultiplexer {
         connection.onPiece = { [weak self] piece in self?.received(piece, from: id) }
         connection.onClose = { [weak self] in self?.clients[id] = nil }
         connection.send(worker.greeting ?? QMP.greeting(major: 0, minor: 0, micro: 0, package: "flotillad"))
+    }
+
+    /// Passes the accepted client `fd` to the worker: `getfd` carrying it, then `add_client`
+    /// naming it, both on flotillad's own worker connection with its own wire ids (QMP
+    /// reference "getfd", "add_client"). flotillad never reads from the client, so the
+    /// worker's greeting reaches it untouched. On the worker's refusal the worker closes its
+    /// copy and the client sees the connection end.
+    private func handOff(_ fd: Int32) {
+        guard worker.isReady else {
+            Sys.close(fd)
+            return
+        }
+        let name = "flotillad-client-\(nextClient)"
+        nextClient += 1
+        let report: (JSONObject) -> Void = { [weak self] reply in
+            if reply["error"] != nil { self?.onHandoffFailure(name, reply) }
+        }
+        worker.execute(name: "getfd", arguments: ["fdname": .string(name)], origin: .supervisor(report), passing: fd)
+        worker.execute(name: "add_client", arguments: ["protocol": "qmp", "fdname": .string(name)], origin: .supervisor(report))
+        handedOff += 1
     }
 
     private func received(_ piece: JSONStreamSplitter.Piece, from id: UInt64) {

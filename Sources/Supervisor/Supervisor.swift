@@ -26,6 +26,10 @@ public final class Supervisor {
         /// Seconds a starting worker has to become QMP-ready (readiness reported, greeting
         /// and first reply through its api-channel) before it is killed as a failed start.
         public var startTimeout: Double = 30
+        /// Pass each client of `<vm>/qmp.sock` to the worker (QMP getfd + add_client) instead
+        /// of multiplexing it: native round trips, clients that outlive flotillad, but
+        /// flotillad no longer sees their commands (flotillad --qmp-handoff).
+        public var qmpHandoff = false
 
         public init(runtimeDirectory: String, stateDirectory: String, configDirectory: String?, vmmPath: String) {
             self.runtimeDirectory = runtimeDirectory
@@ -448,7 +452,7 @@ public final class Supervisor {
         guard let connection = vm.qmp else { return }
         let multiplexer: QMPMultiplexer
         do {
-            multiplexer = try QMPMultiplexer(path: vm.qmpSocket, worker: connection, reactor: reactor)
+            multiplexer = try QMPMultiplexer(path: vm.qmpSocket, worker: connection, reactor: reactor, handoff: options.qmpHandoff)
         } catch {
             finish(.failure(SupervisorError(.failed, "cannot listen on \(vm.qmpSocket): \(error)")))
             return
@@ -456,6 +460,13 @@ public final class Supervisor {
         multiplexer.onEvent = { [weak self, weak vm] event in
             guard let self, let vm else { return }
             self.workerEvent(vm, event)
+        }
+        multiplexer.onHandoffFailure = { [weak self, weak vm] client, reply in
+            guard let self, let vm else { return }
+            let reason = reply["error"]?.objectValue?["desc"]?.stringValue ?? JSONValue.object(reply).compactText
+            self.log.log(
+                .warning, "VM \(vm.name): the worker refused QMP client \(client): \(reason)",
+                fields: ["VM_NAME": vm.name, "VM_PID": "\(vm.pid ?? 0)", "FLOTILLA_EVENT": "qmp-handoff-failed"])
         }
         vm.multiplexer = multiplexer
         multiplexer.execute("query-status") { [weak vm] reply in

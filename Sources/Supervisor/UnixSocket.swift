@@ -141,6 +141,9 @@ final class JSONConnection {
     private var token: Reactor.Token?
     private var splitter = JSONStreamSplitter()
     private var outgoing: [UInt8] = []
+    /// Descriptors to pass (SCM_RIGHTS) with the queued message starting at `offset` in
+    /// `outgoing`, in order; owned here until sent, closed if the connection closes first.
+    private var outgoingFDs: [(offset: Int, fd: Int32)] = []
     private var closeAfterFlush = false
     private var watchingWritable = false
     var onPiece: (JSONStreamSplitter.Piece) -> Void = { _ in }
@@ -220,6 +223,23 @@ final class JSONConnection {
         flush()
     }
 
+    /// Sends one framed message with `fd` attached (SCM_RIGHTS, unix(7)), after whatever is
+    /// queued. Takes ownership of `fd`: it is closed once the kernel holds its passed copy,
+    /// or when the connection closes first.
+    func send(framed bytes: [UInt8], passing fd: Int32) {
+        guard !isClosed, !bytes.isEmpty else {
+            Sys.close(fd)
+            return
+        }
+        outgoingFDs.append((outgoing.count, fd))
+        outgoing.append(contentsOf: bytes)
+        if outgoing.count > Self.maximumQueuedBytes {
+            close()
+            return
+        }
+        flush()
+    }
+
     /// Closes once everything queued has been written.
     func closeWhenFlushed() {
         closeAfterFlush = true
@@ -228,9 +248,22 @@ final class JSONConnection {
 
     private func flush() {
         while !outgoing.isEmpty && !isClosed {
-            let count = outgoing.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            // Up to the next message that carries a descriptor, or that message with it.
+            let passing = outgoingFDs.first.flatMap { $0.offset == 0 ? $0.fd : nil }
+            let length =
+                passing == nil ? (outgoingFDs.first?.offset ?? outgoing.count) : (outgoingFDs.dropFirst().first?.offset ?? outgoing.count)
+            let count = outgoing.withUnsafeBytes { bytes in
+                if let passing { return fl_send_with_fd(fd, bytes.baseAddress, length, 0, passing) }
+                return Glibc.send(fd, bytes.baseAddress, length, Int32(MSG_NOSIGNAL))
+            }
             if count > 0 {
+                if let passing {
+                    // The kernel attached it to the first byte sent and holds its own reference.
+                    Sys.close(passing)
+                    outgoingFDs.removeFirst()
+                }
                 outgoing.removeFirst(count)
+                for index in outgoingFDs.indices { outgoingFDs[index].offset -= count }
                 continue
             }
             if count < 0 && errno == EINTR { continue }
@@ -260,6 +293,8 @@ final class JSONConnection {
         token = nil
         Sys.close(fd)
         outgoing.removeAll()
+        for (_, passing) in outgoingFDs { Sys.close(passing) }
+        outgoingFDs.removeAll()
         let handler = onClose
         onClose = {}
         onPiece = { _ in }

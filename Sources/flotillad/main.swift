@@ -45,6 +45,15 @@ struct Flotillad: ParsableCommand {
         help: "Stop every VM when flotillad is stopped (default: leave them running for the next flotillad).")
     var stopVMsOnExit = false
 
+    @Flag(
+        name: .customLong("qmp-handoff"),
+        help: ArgumentHelp(
+            "Pass each client of vms/<name>/qmp.sock to the VM's worker (QMP getfd + add_client) instead of multiplexing it.",
+            discussion:
+                "Handed-off clients talk to the worker directly: native round-trip latency, and they keep working across a flotillad restart; but flotillad no longer sees or can police their commands. Default: multiplex (one worker connection, flotillad sees everything)."
+        ))
+    var qmpHandoff = false
+
     @Option(help: "Where log entries go: auto (the journal under systemd, else stderr), journal, stderr.")
     var logTarget: LogTarget = .auto
 
@@ -84,6 +93,7 @@ struct Flotillad: ParsableCommand {
         options.crashLoopLimit = crashLoopLimit
         options.crashLoopWindow = crashLoopWindow
         options.stopVMsOnExit = stopVMsOnExit
+        options.qmpHandoff = qmpHandoff
         do {
             let supervisor = try Supervisor(options: options, reactor: reactor, log: log)
             // Blocks the signals on this (main) thread before any other thread exists.
