@@ -4,7 +4,7 @@
 //     default), and through a flotillad started with --qmp-handoff (the client is passed to the
 //     worker with QMP getfd + add_client, so flotillad leaves the data path): the first
 //     flotillad is SIGKILLed, the second re-attaches the same workers, and direct is measured
-//     again beside it;
+//     again beside it (round trips alternate between the two connections);
 //  3. flotillad's resident memory per managed VM.
 // Usage: fleet-bench --bin DIR --guest VMLINUX [--vms 20] [--round-trips 2000]
 import Foundation
@@ -138,20 +138,25 @@ let elapsed = now() - start
 let loadedRSS = rssKiB(daemon.processIdentifier)
 
 // 2. query-status round trips: through flotillad vs directly to the worker.
-func measure(_ path: String) throws -> [Double] {
-    let qmp = try RawQMP(path)
-    for _ in 0..<100 { _ = try qmp.roundTrip("{\"execute\":\"query-status\"}\n") }
-    var samples: [Double] = []
-    for _ in 0..<roundTrips {
-        let begin = now()
-        _ = try qmp.roundTrip("{\"execute\":\"query-status\",\"id\":1}\n")
-        samples.append(now() - begin)
+/// Round trips on a connection to `path` (direct) and one to `other`, alternating one by one
+/// so that load from the rest of the machine falls on both alike; each list sorted.
+func measure(_ path: String, beside other: String) throws -> (direct: [Double], other: [Double]) {
+    let connections = [try RawQMP(path), try RawQMP(other)]
+    for qmp in connections {
+        for _ in 0..<100 { _ = try qmp.roundTrip("{\"execute\":\"query-status\"}\n") }
     }
-    return samples.sorted()
+    var samples: [[Double]] = [[], []]
+    for _ in 0..<roundTrips {
+        for (index, qmp) in connections.enumerated() {
+            let begin = now()
+            _ = try qmp.roundTrip("{\"execute\":\"query-status\",\"id\":1}\n")
+            samples[index].append(now() - begin)
+        }
+    }
+    return (samples[0].sorted(), samples[1].sorted())
 }
 let vmDirectory = directory + "/run/vms/bench0"
-let direct = try measure(vmDirectory + "/api.sock")
-let muxed = try measure(vmDirectory + "/qmp.sock")
+let (direct, muxed) = try measure(vmDirectory + "/api.sock", beside: vmDirectory + "/qmp.sock")
 
 // 3. The same workers under a flotillad with --qmp-handoff: SIGKILL leaves them running, the
 // new flotillad re-attaches them and opens qmp.sock in hand-off mode.
@@ -165,8 +170,7 @@ for _ in 0..<1000 where !reattached {
     if !reattached { usleep(10_000) }
 }
 guard reattached else { fatalError("flotillad --qmp-handoff did not re-attach bench0") }
-let directAgain = try measure(vmDirectory + "/api.sock")
-let handedOff = try measure(vmDirectory + "/qmp.sock")
+let (directAgain, handedOff) = try measure(vmDirectory + "/api.sock", beside: vmDirectory + "/qmp.sock")
 func median(_ values: [Double]) -> Double { values[values.count / 2] }
 func p99(_ values: [Double]) -> Double { values[min(values.count - 1, values.count * 99 / 100)] }
 print("== flotillad (fleet-bench)")
