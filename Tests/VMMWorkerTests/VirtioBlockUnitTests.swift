@@ -105,6 +105,12 @@ struct VirtioBlockUnitTests {
         #expect(try memory.read(UInt8.self, at: Self.status) == 1)
         let noStatus = DescriptorChain(head: 0, readable: [try segment(memory, Self.header, 16)], writable: [])
         #expect(handler.execute(noStatus) == 0)
+        // An empty last writable segment (the walker never makes one; a hand-made chain can)
+        // has no status byte: nothing is written before it (here, before guest RAM itself).
+        let emptyLast = DescriptorChain(
+            head: 0, readable: [try segment(memory, Self.header, 16)],
+            writable: [try segment(memory, Self.data, 1), try segment(memory, 0, 0)])
+        #expect(handler.execute(emptyLast) == 0)
     }
 
     @Test("a read-only disk refuses writes, discards and write-zeroes with IOERR and keeps the file")

@@ -50,10 +50,12 @@ public struct BlockRequestHandler: Sendable {
     /// `chain` must come from a walk of a queue on this handler's `memory` (or be built from
     /// segments checked against it): its segments' host offsets are used as they are.
     public func execute(_ chain: DescriptorChain, iovecs: inout [iovec]) -> UInt32 {
-        guard chain.writableLength >= 1, chain.writableCount > 0 else { return 0 }
-        let base = memory.base
+        guard chain.writableCount > 0 else { return 0 }
         let last = chain.storage[chain.segmentCount - 1]
-        // The last device-writable byte (§5.2.6: status is the final field); last.length ≥ 1.
+        // The walker never yields an empty segment; a hand-made chain might.
+        guard last.length > 0 else { return 0 }
+        let base = memory.base
+        // The last device-writable byte (§5.2.6: status is the final field).
         let statusByte = base + last.hostOffset + Int(last.length) - 1
         func finish(_ status: UInt8, dataWritten: UInt64 = 0) -> UInt32 {
             statusByte.storeBytes(of: status, as: UInt8.self)
