@@ -110,11 +110,7 @@ public final class VirtioBlockDevice: VirtioDevice {
             var active = Active(
                 queue: queue, notifyFD: notifyFD, interrupt: activation.interrupt,
                 bucket: iops > 0 ? TokenBucket(rate: iops) : nil)
-            active.token = try loop.register(fd: notifyFD, events: EPOLLIN.rawValue) { [weak self] _ in
-                var value: UInt64 = 0
-                _ = withUnsafeMutableBytes(of: &value) { Glibc.read(notifyFD, $0.baseAddress, 8) }
-                self?.process()
-            }
+            active.token = try loop.watchQueueNotifications(fd: notifyFD) { [weak self] in self?.process() }
             state.active = active
         }
         // The driver may have queued requests before DRIVER_OK; look once.

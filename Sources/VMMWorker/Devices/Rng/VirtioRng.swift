@@ -80,11 +80,7 @@ public final class VirtioRngDevice: VirtioDevice {
         let bucket = bytesPerSecond.map { TokenBucket(rate: $0, capacity: max(64, Double($0) / 20)) }
         try state.withLock { state throws in
             var active = Active(queue: queue, interrupt: activation.interrupt, bucket: bucket)
-            active.token = try loop.register(fd: notifyFD, events: EPOLLIN.rawValue) { [weak self] _ in
-                var value: UInt64 = 0
-                _ = withUnsafeMutableBytes(of: &value) { Glibc.read(notifyFD, $0.baseAddress, 8) }
-                self?.process()
-            }
+            active.token = try loop.watchQueueNotifications(fd: notifyFD) { [weak self] in self?.process() }
             state.active = active
         }
         loop.execute { [weak self] in self?.process() }
