@@ -113,17 +113,15 @@ public final class VirtioRngDevice: VirtioDevice {
         var filled = 0
         for segment in chain.writable where filled < limit {
             let want = min(Int(segment.length), limit - filled)
-            let got =
-                (try? memory.withSlice(at: segment.address, length: UInt64(want)) { buffer -> Int in
-                    var total = 0
-                    while total < buffer.count {
-                        let count = Glibc.read(sourceFD, buffer.baseAddress.map { $0 + total }, buffer.count - total)
-                        if count < 0 && errno == EINTR { continue }
-                        if count <= 0 { break }
-                        total += count
-                    }
-                    return total
-                }) ?? 0
+            // The walk checked the segment and kept its place in the host mapping.
+            let target = memory.base + segment.hostOffset
+            var got = 0
+            while got < want {
+                let count = Glibc.read(sourceFD, target + got, want - got)
+                if count < 0 && errno == EINTR { continue }
+                if count <= 0 { break }
+                got += count
+            }
             filled += got
             if got < want { break }
         }
