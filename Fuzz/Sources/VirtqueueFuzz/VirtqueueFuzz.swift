@@ -6,7 +6,7 @@ import Glibc
 //
 // One input is one driver's queue: its size, where its rings are, the descriptor table, the
 // avail ring and a blob of extra guest bytes (indirect tables), all written into crafted
-// guest memory. The target then drives the queue the way VirtioBlockDevice.run does: take
+// guest memory. The target then drives the queue the way VirtioQueueRunner.run does: take
 // every available chain with next(into:) (one DescriptorChain reused), complete each one on
 // the used ring (a malformed chain with 0 bytes), rearm EVENT_IDX notification, decide the
 // interrupt, and optionally do a second batch after the driver publishes more. Invariants
@@ -233,7 +233,7 @@ func runCase(_ c: FuzzCase) {
     var completed: UInt16 = 0
     let size = c.layout.size
 
-    /// One batch as VirtioBlockDevice.run does it; false once the queue is broken.
+    /// One batch as VirtioQueueRunner.run does it; false once the queue is broken.
     func batch() -> Bool {
         // Each chain consumes one avail entry, at most `size` ahead; the device's own used-ring
         // writes may land on the avail ring, but nothing they write can keep it going.

@@ -34,32 +34,19 @@ public final class VirtioBlockDevice: VirtioDevice {
     public var deviceID: UInt32 { Virtio.DeviceID.block }
     public var queueMaxSizes: [UInt16] { [Self.queueSize] }
 
-    /// The live queue, from DRIVER_OK to reset.
-    struct Active {
-        var queue: SplitVirtqueue
-        let notifyFD: Int32
-        let interrupt: VirtioInterrupt
-        var token: EventLoop.Token?
-        var bucket: TokenBucket?
-        var resumeTimer: EventLoop.Token?
-        var broken = false
-    }
-
-    /// Everything the loop thread mutates, under one lock. The scratch (the chain being
-    /// executed and its host iovecs) outlives activations and is mutated in place, so its
-    /// storage stays uniquely owned and a request allocates nothing.
+    /// Everything the loop thread mutates, under one lock: the live queue (from DRIVER_OK to
+    /// reset) and the request handler with its scratch (host iovecs), which outlives
+    /// activations and is mutated in place, so its storage stays uniquely owned and a request
+    /// allocates nothing.
     struct State {
-        var active: Active?
-        var chain = DescriptorChain(head: 0)
-        var iovecs: [iovec] = []
-        /// Requests completed since start.
-        var completed: UInt64 = 0
+        var active: VirtioQueueRunner?
+        var requests: BlockChainHandler
     }
 
-    private let state = Mutex(State())
+    private let state: Mutex<State>
 
     /// Requests completed since start (for tests and statistics).
-    public var completedRequests: UInt64 { state.withLock { $0.completed } }
+    public var completedRequests: UInt64 { state.withLock { $0.requests.completed } }
 
     public init(backend: BlockBackend, memory: GuestMemory, loop: EventLoop, iops: UInt64 = 0) {
         self.backend = backend
@@ -67,6 +54,7 @@ public final class VirtioBlockDevice: VirtioDevice {
         self.loop = loop
         self.iops = iops
         handler = BlockRequestHandler(backend: backend, memory: memory)
+        state = Mutex(State(requests: BlockChainHandler(requests: handler)))
         var features = Feature.segMax | Feature.blockSize | Feature.flush
         features |= backend.readOnly ? Feature.readOnly : Feature.discard | Feature.writeZeroes
         deviceFeatures = features
@@ -105,22 +93,17 @@ public final class VirtioBlockDevice: VirtioDevice {
         guard let first = activation.queues.first, let queue = first else {
             throw DeviceError(.setup, "virtio-blk '\(backend.id)': the driver did not set up the request queue")
         }
-        let notifyFD = activation.notifyFDs[0]
         try state.withLock { state throws in
-            var active = Active(
-                queue: queue, notifyFD: notifyFD, interrupt: activation.interrupt,
-                bucket: iops > 0 ? TokenBucket(rate: iops) : nil)
-            active.token = try loop.watchQueueNotifications(fd: notifyFD) { [weak self] in self?.process() }
-            state.active = active
+            state.active = try VirtioQueueRunner(
+                queue: queue, notifyFD: activation.notifyFDs[0], interrupt: activation.interrupt,
+                bucket: iops > 0 ? TokenBucket(rate: iops) : nil, loop: loop
+            ) { [weak self] in self?.process() }
         }
-        // The driver may have queued requests before DRIVER_OK; look once.
-        loop.execute { [weak self] in self?.process() }
     }
 
     public func reset() {
         state.withLock { state in
-            if let token = state.active?.token { loop.unregister(token) }
-            if let timer = state.active?.resumeTimer { loop.unregister(timer) }
+            state.active?.stop(loop: loop)
             state.active = nil
         }
     }
@@ -131,66 +114,22 @@ public final class VirtioBlockDevice: VirtioDevice {
         state.withLock { state in
             // In place (optional chaining on the stored property): no copy of the queue state,
             // and the scratch stays uniquely owned.
-            state.completed &+= state.active?.run(device: self, chain: &state.chain, iovecs: &state.iovecs) ?? 0
+            _ = state.active?.run(&state.requests, loop: loop)
         }
-    }
-
-    func resumeFromTimer() {
-        state.withLock { $0.active?.resumeTimer = nil }
-        process()
     }
 }
 
-extension VirtioBlockDevice.Active {
-    /// One batch: requests until the ring is empty or the bucket runs dry, then one interrupt
-    /// if the driver wants one (§2.7.10). Returns the number of requests completed.
-    mutating func run(device: VirtioBlockDevice, chain: inout DescriptorChain, iovecs: inout [iovec]) -> UInt64 {
-        guard !broken else { return 0 }
-        let done = requests(device: device, chain: &chain, iovecs: &iovecs)
-        if queue.needsInterrupt() { interrupt.signal(Virtio.Interrupt.usedBuffer) }
-        return done
-    }
+/// virtio-blk's part of the queue runner: one request per chain, one IOPS token per request.
+struct BlockChainHandler: VirtioChainHandler {
+    let requests: BlockRequestHandler
+    var iovecs: [iovec] = []
+    /// Requests completed since start.
+    var completed: UInt64 = 0
 
-    private mutating func requests(device: VirtioBlockDevice, chain: inout DescriptorChain, iovecs: inout [iovec]) -> UInt64 {
-        var done: UInt64 = 0
-        func fail(_ error: VirtqueueError) -> UInt64 {
-            broken = true
-            interrupt.markNeedsReset()
-            return done
-        }
-        while true {
-            while true {
-                if bucket != nil, let wait = bucket?.wait(), wait > 0 {
-                    // Throttled: leave the rest in the ring and come back when a token is due,
-                    // without blocking this loop's other devices (or the vCPUs).
-                    // With EVENT_IDX the driver only kicks when avail_event asks for it, so ask
-                    // (else a request posted now would wait for a kick that never comes).
-                    let pending: Bool
-                    do { pending = try queue.rearmNotification() } catch { return fail(error) }
-                    if pending && resumeTimer == nil {
-                        resumeTimer = try? device.loop.schedule(afterNanoseconds: wait) { [weak device] in device?.resumeFromTimer() }
-                    }
-                    return done
-                }
-                do {
-                    guard try queue.next(into: &chain) else { break }
-                } catch {
-                    guard case .chain(let head) = error.kind else { return fail(error) }
-                    // A malformed chain fails on its own: returned unused, nothing written.
-                    do { try queue.complete(head: head, written: 0) } catch { return fail(error) }
-                    continue
-                }
-                bucket?.consume()
-                let written = device.handler.execute(chain, iovecs: &iovecs)
-                do { try queue.complete(head: chain.head, written: written) } catch { return fail(error) }
-                done += 1
-            }
-            do {
-                if try queue.rearmNotification() { continue }
-            } catch {
-                return fail(error)
-            }
-            return done
-        }
+    @inline(__always)
+    mutating func handle(_ chain: DescriptorChain, bucket: inout TokenBucket?) -> UInt32? {
+        bucket?.consume()
+        completed &+= 1
+        return requests.execute(chain, iovecs: &iovecs)
     }
 }

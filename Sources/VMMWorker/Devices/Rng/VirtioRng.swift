@@ -29,26 +29,16 @@ public final class VirtioRngDevice: VirtioDevice {
     public var deviceFeatures: UInt64 { 0 }
     public var queueMaxSizes: [UInt16] { [Self.queueSize] }
 
-    struct Active {
-        var queue: SplitVirtqueue
-        let interrupt: VirtioInterrupt
-        var token: EventLoop.Token?
-        var bucket: TokenBucket?
-        var resumeTimer: EventLoop.Token?
-        var broken = false
-    }
-
+    /// The live queue (from DRIVER_OK to reset) and the fill handler, under one lock.
     struct State {
-        var active: Active?
-        var chain = DescriptorChain(head: 0)
-        /// Bytes given to the guest since start.
-        var delivered: UInt64 = 0
+        var active: VirtioQueueRunner?
+        var source: RngChainHandler
     }
 
-    private let state = Mutex(State())
+    private let state: Mutex<State>
 
     /// Bytes given to the guest since start (for tests and statistics).
-    public var deliveredBytes: UInt64 { state.withLock { $0.delivered } }
+    public var deliveredBytes: UInt64 { state.withLock { $0.source.delivered } }
 
     /// Opens `rng.randomFile`; fails with the file and the reason.
     public init(rng: RngConfig, memory: GuestMemory, loop: EventLoop) throws(DeviceError) {
@@ -61,6 +51,7 @@ public final class VirtioRngDevice: VirtioDevice {
             throw DeviceError(.setup, "-rng random_file=\(rng.randomFile): cannot open: \(String(cString: strerror(errno)))")
         }
         sourceFD = fd
+        state = Mutex(State(source: RngChainHandler(sourceFD: fd, memory: memory)))
     }
 
     deinit { close(sourceFD) }
@@ -73,23 +64,20 @@ public final class VirtioRngDevice: VirtioDevice {
         guard let first = activation.queues.first, let queue = first else {
             throw DeviceError(.setup, "virtio-rng: the driver did not set up the request queue")
         }
-        let notifyFD = activation.notifyFDs[0]
         // The burst is 1/20 s worth, but at least one Linux-sized request (64 bytes), so a
         // low rate still hands out whole requests (the reference: bytes_per_sec limits the
         // average, not bursts).
         let bucket = bytesPerSecond.map { TokenBucket(rate: $0, capacity: max(64, Double($0) / 20)) }
         try state.withLock { state throws in
-            var active = Active(queue: queue, interrupt: activation.interrupt, bucket: bucket)
-            active.token = try loop.watchQueueNotifications(fd: notifyFD) { [weak self] in self?.process() }
-            state.active = active
+            state.active = try VirtioQueueRunner(
+                queue: queue, notifyFD: activation.notifyFDs[0], interrupt: activation.interrupt, bucket: bucket, loop: loop
+            ) { [weak self] in self?.process() }
         }
-        loop.execute { [weak self] in self?.process() }
     }
 
     public func reset() {
         state.withLock { state in
-            if let token = state.active?.token { loop.unregister(token) }
-            if let timer = state.active?.resumeTimer { loop.unregister(timer) }
+            state.active?.stop(loop: loop)
             state.active = nil
         }
     }
@@ -98,13 +86,40 @@ public final class VirtioRngDevice: VirtioDevice {
     /// the rate limit runs dry (a one-shot timer resumes), or the queue breaks.
     public func process() {
         state.withLock { state in
-            state.delivered &+= state.active?.run(device: self, chain: &state.chain) ?? 0
+            _ = state.active?.run(&state.source, loop: loop)
         }
     }
 
-    func resumeFromTimer() {
-        state.withLock { $0.active?.resumeTimer = nil }
-        process()
+    /// Reads up to `limit` bytes of `random_file` into the chain's writable buffers (see
+    /// ``RngChainHandler/fill(_:limit:)``).
+    func fill(_ chain: DescriptorChain, limit: Int) -> Int {
+        RngChainHandler(sourceFD: sourceFD, memory: memory).fill(chain, limit: limit)
+    }
+}
+
+/// virtio-rng's part of the queue runner: fills each chain from `random_file`, one bucket
+/// token per byte.
+struct RngChainHandler: VirtioChainHandler {
+    let sourceFD: Int32
+    let memory: GuestMemory
+    /// Bytes given to the guest since start.
+    var delivered: UInt64 = 0
+
+    /// Waits for a Linux-sized request's worth (64 bytes, or the whole burst if smaller)
+    /// rather than trickling single bytes out in as many requests.
+    func throttle(_ bucket: inout TokenBucket) -> UInt64 {
+        bucket.wait(for: VirtioRngDevice.refillBytes)
+    }
+
+    mutating func handle(_ chain: DescriptorChain, bucket: inout TokenBucket?) -> UInt32? {
+        var allowance = VirtioRngDevice.maxBytesPerRequest
+        if let available = bucket?.available { allowance = min(allowance, Int(available)) }
+        // §5.4.6.1: the driver places only device-writable buffers; a request with readable
+        // ones is malformed and returned unused.
+        let written = chain.readableCount == 0 ? fill(chain, limit: allowance) : 0
+        bucket?.consume(UInt64(written))
+        delivered &+= UInt64(written)
+        return UInt32(written)
     }
 
     /// Reads up to `limit` bytes of `random_file` into the chain's writable buffers, in order;
@@ -126,62 +141,5 @@ public final class VirtioRngDevice: VirtioDevice {
             if got < want { break }
         }
         return filled
-    }
-}
-
-extension VirtioRngDevice.Active {
-    /// One batch, then one interrupt if the driver wants one (§2.7.10). Returns the bytes given.
-    mutating func run(device: VirtioRngDevice, chain: inout DescriptorChain) -> UInt64 {
-        guard !broken else { return 0 }
-        let given = requests(device: device, chain: &chain)
-        if queue.needsInterrupt() { interrupt.signal(Virtio.Interrupt.usedBuffer) }
-        return given
-    }
-
-    private mutating func requests(device: VirtioRngDevice, chain: inout DescriptorChain) -> UInt64 {
-        var given: UInt64 = 0
-        func fail() -> UInt64 {
-            broken = true
-            interrupt.markNeedsReset()
-            return given
-        }
-        while true {
-            while true {
-                var allowance = VirtioRngDevice.maxBytesPerRequest
-                if bucket != nil {
-                    // Wait for a Linux-sized request's worth (64 bytes, or the whole burst if
-                    // smaller) rather than trickling single bytes out in as many requests.
-                    if let wait = bucket?.wait(for: VirtioRngDevice.refillBytes), wait > 0 {
-                        // Out of budget: the rest waits in the ring for a timer (not a kick).
-                        let pending: Bool
-                        do { pending = try queue.rearmNotification() } catch { return fail() }
-                        if pending && resumeTimer == nil {
-                            resumeTimer = try? device.loop.schedule(afterNanoseconds: wait) { [weak device] in device?.resumeFromTimer() }
-                        }
-                        return given
-                    }
-                    allowance = min(allowance, Int(bucket?.available ?? 0))
-                }
-                do {
-                    guard try queue.next(into: &chain) else { break }
-                } catch {
-                    guard case .chain(let head) = error.kind else { return fail() }
-                    do { try queue.complete(head: head, written: 0) } catch { return fail() }
-                    continue
-                }
-                // §5.4.6.1: the driver places only device-writable buffers; a request with
-                // readable ones is malformed and returned unused.
-                let written = chain.readableCount == 0 ? device.fill(chain, limit: allowance) : 0
-                bucket?.consume(UInt64(written))
-                do { try queue.complete(head: chain.head, written: UInt32(written)) } catch { return fail() }
-                given += UInt64(written)
-            }
-            do {
-                if try queue.rearmNotification() { continue }
-            } catch {
-                return fail()
-            }
-            return given
-        }
     }
 }

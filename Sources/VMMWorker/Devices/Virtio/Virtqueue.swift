@@ -247,6 +247,14 @@ public struct SplitVirtqueue: Sendable {
         return true
     }
 
+    /// Gives back the chain the last successful ``next(into:)`` took, unused: the next call
+    /// takes the same available-ring slot again (walking it afresh). The device has published
+    /// nothing for it, so the driver cannot tell (§2.7.13: buffers stay the device's until
+    /// used).
+    mutating func untake() {
+        lastAvailable &-= 1
+    }
+
     /// Follows the chain from `head` (§2.7.5), through at most one indirect table (§2.7.5.3).
     func walk(head: UInt16) throws(VirtqueueError) -> DescriptorChain {
         var chain = DescriptorChain(head: head)

@@ -1,0 +1,139 @@
+/// The per-request part of a device whose queue a ``VirtioQueueRunner`` serves: what it does
+/// with one descriptor chain, and how a request spends the device's token bucket.
+///
+/// The runner is generic over its handler, so within the module each device's batch loop is
+/// specialised for its handler: no existential, no closure and no allocation per request.
+protocol VirtioChainHandler {
+    /// Nanoseconds until `bucket` admits the next request (0: now). The default waits for one
+    /// token (one request).
+    func throttle(_ bucket: inout TokenBucket) -> UInt64
+    /// Serves one chain the walk found well-formed (its buffers are in guest RAM), spending
+    /// from `bucket` what it used. Returns the bytes written into its device-writable buffers
+    /// (the used element's `len`, virtio 1.2 §2.7.8), or nil when the request cannot be served
+    /// now: the chain goes back to the available ring and the batch stops, for the device to
+    /// resume when what it waits for (such as host data) arrives.
+    mutating func handle(_ chain: DescriptorChain, bucket: inout TokenBucket?) -> UInt32?
+}
+
+extension VirtioChainHandler {
+    func throttle(_ bucket: inout TokenBucket) -> UInt64 { bucket.wait() }
+}
+
+/// One live virtqueue served on an event loop, from DRIVER_OK to reset: the notification
+/// watch, the optional token bucket and its resume timer, and the batch loop that takes
+/// chains, completes them, re-arms notifications and interrupts the driver.
+///
+/// A device keeps it (as an optional) in its Mutex-protected state and calls ``run(_:loop:)``
+/// in place from its `process`, on the loop thread; ``stop(loop:)`` on reset.
+struct VirtioQueueRunner: Sendable {
+    /// How a batch ended.
+    enum Outcome: Equatable {
+        /// The available ring is empty and notifications are re-armed (§2.7.10).
+        case drained
+        /// The bucket ran dry: the rest waits in the ring for a timer, not a kick.
+        case throttled
+        /// The handler could not serve a chain now; it is back in the ring.
+        case blocked
+        /// The ring is unusable: the device is marked DEVICE_NEEDS_RESET (§2.1.2).
+        case broken
+    }
+
+    var queue: SplitVirtqueue
+    let interrupt: VirtioInterrupt
+    var bucket: TokenBucket?
+    /// The device's `process` (held weakly by the closure), run by the resume timer.
+    private let process: @Sendable () -> Void
+    private var token: EventLoop.Token?
+    private var resumeTimer: EventLoop.Token?
+    /// When the pending resume timer fires (monotonic ns); a throttled batch schedules a new
+    /// one only once that has passed, so a kick while throttled adds no second timer.
+    private var resumeAt: UInt64 = 0
+    private(set) var broken = false
+    /// The chain being served: its storage is sized to the queue at the first walk and then
+    /// refilled in place, so taking a chain allocates nothing.
+    private var chain = DescriptorChain(head: 0)
+
+    /// Starts serving `queue`: watches `notifyFD` on `loop`, running `process` after each
+    /// notification, and has `process` run once soon, since the driver may have made buffers
+    /// available before DRIVER_OK. `process` must take the device's lock (so it waits for the
+    /// caller to store the runner) and call ``run(_:loop:)``.
+    init(
+        queue: SplitVirtqueue, notifyFD: Int32, interrupt: VirtioInterrupt, bucket: TokenBucket?, loop: EventLoop,
+        process: @escaping @Sendable () -> Void
+    ) throws(SyscallError) {
+        self.queue = queue
+        self.interrupt = interrupt
+        self.bucket = bucket
+        self.process = process
+        token = try loop.watchQueueNotifications(fd: notifyFD, process: process)
+        loop.execute(process)
+    }
+
+    /// Reset: no notification or timer calls `process` for this activation any more.
+    func stop(loop: EventLoop) {
+        if let token { loop.unregister(token) }
+        if let resumeTimer { loop.unregister(resumeTimer) }
+    }
+
+    /// One batch: chains until the ring is empty, the bucket runs dry (a one-shot timer
+    /// resumes), the handler blocks, or the queue breaks; then one interrupt if the driver
+    /// wants one (§2.7.10).
+    @inline(__always)
+    mutating func run<Handler: VirtioChainHandler>(_ handler: inout Handler, loop: EventLoop) -> Outcome {
+        guard !broken else { return .broken }
+        let outcome = serve(&handler, loop: loop)
+        if queue.needsInterrupt() { interrupt.signal(Virtio.Interrupt.usedBuffer) }
+        return outcome
+    }
+
+    private mutating func serve<Handler: VirtioChainHandler>(_ handler: inout Handler, loop: EventLoop) -> Outcome {
+        func fail() -> Outcome {
+            broken = true
+            interrupt.markNeedsReset()
+            return .broken
+        }
+        while true {
+            while true {
+                if var refilled = bucket {
+                    let wait = handler.throttle(&refilled)
+                    bucket = refilled
+                    if wait > 0 { return throttled(wait: wait, loop: loop) ?? fail() }
+                }
+                do {
+                    guard try queue.next(into: &chain) else { break }
+                } catch {
+                    guard case .chain(let head) = error.kind else { return fail() }
+                    // A malformed chain fails on its own: returned unused, nothing written.
+                    do { try queue.complete(head: head, written: 0) } catch { return fail() }
+                    continue
+                }
+                guard let written = handler.handle(chain, bucket: &bucket) else {
+                    queue.untake()
+                    return .blocked
+                }
+                do { try queue.complete(head: chain.head, written: written) } catch { return fail() }
+            }
+            do {
+                if try queue.rearmNotification() { continue }
+            } catch {
+                return fail()
+            }
+            return .drained
+        }
+    }
+
+    /// Throttled: leave the rest in the ring and come back when the bucket allows, without
+    /// blocking this loop's other devices (or the vCPUs). With EVENT_IDX the driver only kicks
+    /// when avail_event asks for it, so ask (else a request posted now would wait for a kick
+    /// that never comes). nil when the queue broke.
+    private mutating func throttled(wait: UInt64, loop: EventLoop) -> Outcome? {
+        let pending: Bool
+        do { pending = try queue.rearmNotification() } catch { return nil }
+        let now = TokenBucket.monotonicNanoseconds()
+        if pending && now >= resumeAt {
+            resumeAt = now &+ wait
+            resumeTimer = try? loop.schedule(afterNanoseconds: wait, handler: process)
+        }
+        return .throttled
+    }
+}
