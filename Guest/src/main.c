@@ -3,6 +3,10 @@
  * the serial port, one "flotilla-guest: ..." line per fact or check.
  */
 #include "guest.h"
+#include "virtio.h"
+
+/* The LAPIC timer vector that wakes the hold loop to run its pollers. */
+#define HOLD_TIMER_VECTOR 0xee
 
 struct options {
 	bool hold;
@@ -177,8 +181,12 @@ static __attribute__((noreturn)) void hold(void)
 		tick_forever();
 	kprintf("flotilla-guest: holding\n");
 	interrupts_mask_all();
-	for (;;)
+	for (;;) {
+		/* Drivers that keep working while held (virtio.h) poll between LAPIC-timer naps. */
+		if (virtio_hold_poll())
+			lapic_oneshot(HOLD_TIMER_VECTOR, HOLD_POLL_US);
 		__asm__ __volatile__("sti; hlt; cli" ::: "memory");
+	}
 }
 
 void boot_main(u64 bp_phys, u32 entry_bits)

@@ -9,6 +9,8 @@
 
 bool virtio_blk_probe(struct virtio_mmio_dev *dev);
 bool virtio_rng_probe(struct virtio_mmio_dev *dev);
+bool virtio_console_probe(struct virtio_mmio_dev *dev);
+bool virtio_balloon_probe(struct virtio_mmio_dev *dev);
 
 /* The kernel command line, for drivers' own parameters. */
 const char *virtio_cmdline = "";
@@ -17,7 +19,26 @@ const char *virtio_cmdline = "";
 static const struct virtio_driver drivers[] = {
 	{ VIRTIO_ID_BLOCK, "virtio-blk", virtio_blk_probe },
 	{ VIRTIO_ID_RNG, "virtio-rng", virtio_rng_probe },
+	{ VIRTIO_ID_CONSOLE, "virtio-console", virtio_console_probe },
+	{ VIRTIO_ID_BALLOON, "virtio-balloon", virtio_balloon_probe },
 };
+
+#define MAX_HOLD_POLLERS 8
+static void (*hold_pollers[MAX_HOLD_POLLERS])(void);
+static u32 hold_poller_count;
+
+void virtio_hold_register(void (*poll)(void))
+{
+	if (hold_poller_count < MAX_HOLD_POLLERS)
+		hold_pollers[hold_poller_count++] = poll;
+}
+
+bool virtio_hold_poll(void)
+{
+	for (u32 i = 0; i < hold_poller_count; i++)
+		hold_pollers[i]();
+	return hold_poller_count != 0;
+}
 
 struct virtio_scan {
 	struct virtio_mmio_dev dev[MAX_VIRTIO_DEVICES];

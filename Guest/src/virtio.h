@@ -63,4 +63,14 @@ struct virtio_driver {
 /* The kernel command line, set by virtio_probe_all, for drivers' own parameters. */
 extern const char *virtio_cmdline;
 
+/*
+ * Work a driver keeps doing after "done" while the guest holds (flotilla.hold=1):
+ * main.c's hold loop calls every registered poller, then sleeps ~HOLD_POLL_US
+ * in hlt (LAPIC one-shot timer), instead of halting with nothing to do.
+ */
+#define HOLD_POLL_US 20000
+void virtio_hold_register(void (*poll)(void));
+/* Runs the registered pollers; false when there are none. */
+bool virtio_hold_poll(void);
+
 #endif

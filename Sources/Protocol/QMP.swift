@@ -6,6 +6,7 @@ public enum QMP {
         case genericError = "GenericError"
         case commandNotFound = "CommandNotFound"
         case deviceNotFound = "DeviceNotFound"
+        case deviceNotActive = "DeviceNotActive"
     }
 
     /// A command sent by a client (spec §2.3): `execute`, optional `arguments` and `id`.

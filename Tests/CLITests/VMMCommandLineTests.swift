@@ -55,9 +55,7 @@ struct VMMCommandLineTests {
         "a device this build does not implement yet is refused, naming its option, exit 1, nothing created",
         arguments: [
             (["-netdev", "id=net0,netdev=tap0"], "-netdev / net 'id=net0': virtio-net"),
-            (["-chardev", "id=con0,path=/tmp/flotilla-unused.sock"], "-chardev / console 'id=con0': virtio-console"),
             (["-device", "vsock,id=vs0,guest-cid=3"], "-device vsock / vsock 'id=vs0': vhost-vsock"),
-            (["-balloon", "deflate-on-oom=on"], "-balloon / balloon: virtio-balloon"),
         ])
     func unimplementedDeviceRefused(device: [String], message: String) throws {
         let directory = try TemporaryDirectory()

@@ -20,8 +20,27 @@ import SystemPackage
 /// - Client input goes to the UART's receive FIFO through the input sink; while the FIFO is
 ///   full the client is not read (retried every millisecond), as with `-serial stdio`.
 ///
-/// Handlers run on the main loop's thread; all mutable state sits in one `Mutex`.
-public final class ConsoleSocket: Sendable {
+/// The same socket serves a virtio-console port (``Kind/virtioConsole``, `-chardev`): the
+/// device hands transmitq bytes to ``writeOutput(_:)`` on the loop thread (no pipe), and a
+/// client that reads slower than the guest writes holds the guest back instead of losing
+/// output (the device stops taking transmit buffers until ``setOutputSpaceHandler(_:)``'s
+/// handler runs); with no client, output only feeds the replay history. Input the device
+/// cannot place (no receive buffers) waits, with the client not read further, until the
+/// device calls ``resumeInput()`` — no polling.
+///
+/// Handlers run on the main loop's thread; all mutable state sits in one `Mutex`. Callbacks
+/// into the owner (the input sink, the output-space handler) run without that lock held, and
+/// the output-space handler always from a fresh loop task, so an owner may call back in.
+public final class ConsoleSocket: ConsolePort {
+    /// What the socket serves.
+    public enum Kind: Sendable {
+        /// The 8250 UART: output through ``guestOutput`` (a pipe a vCPU writes without
+        /// blocking), input retried every millisecond while the FIFO is full.
+        case serial
+        /// A virtio-console port: output through ``writeOutput(_:)``, input resumed by the device.
+        case virtioConsole
+    }
+
     public static let historyCapacity = 16 << 10
     public static let clientBacklogCapacity = 256 << 10
     /// What a second client reads before it is disconnected.
@@ -41,7 +60,15 @@ public final class ConsoleSocket: Sendable {
         var backlog: [UInt8] = []
         var input: [UInt8] = []
         var sink: InputSink?
+        var outputSpace: (@Sendable () -> Void)?
+        /// ``writeOutput(_:)`` refused bytes because the client's backlog was full.
+        var outputBlocked = false
         var closed = false
+
+        mutating func remember(_ bytes: some Collection<UInt8>) {
+            history.append(contentsOf: bytes)
+            if history.count > ConsoleSocket.historyCapacity { history.removeFirst(history.count - ConsoleSocket.historyCapacity) }
+        }
 
         /// The epoll events the client's registration waits for: no reading (and no
         /// read-side hang-up, which would fire until read) while input waits for the UART.
@@ -53,44 +80,53 @@ public final class ConsoleSocket: Sendable {
     }
 
     public let path: String
+    public let kind: Kind
     private let loop: EventLoop
     private let listenFD: Int32
-    private let outputReadFD: Int32
-    private let outputWriteFD: Int32
+    /// The UART's output pipe (``Kind/serial`` only).
+    private let outputReadFD: Int32?
+    private let outputWriteFD: Int32?
     private let state = Mutex(State())
 
-    /// The descriptor the UART writes guest output to.
-    public var guestOutput: FileDescriptor { FileDescriptor(rawValue: outputWriteFD) }
+    /// The descriptor the UART writes guest output to (nil for a virtio-console port).
+    public var guestOutput: FileDescriptor? { outputWriteFD.map { FileDescriptor(rawValue: $0) } }
 
     /// Binds and listens on `path`, which must not exist (as for the api-channel: an
     /// existing file fails with EADDRINUSE and is left alone), mode 0600.
-    public init(path: String, loop: EventLoop) throws(SyscallError) {
+    public init(path: String, loop: EventLoop, kind: Kind = .serial) throws(SyscallError) {
         self.path = path
         self.loop = loop
+        self.kind = kind
         var ends: [Int32] = [-1, -1]
-        // pipe2 is hidden from Swift's Glibc; the worker spawns no process once it runs, so
-        // setting close-on-exec right after pipe() leaks nothing.
-        _ = try Syscall.once("pipe") { pipe(&ends) }
-        for end in ends {
-            _ = fcntl(end, F_SETFD, FD_CLOEXEC)
-            _ = fcntl(end, F_SETFL, fcntl(end, F_GETFL) | O_NONBLOCK)
+        if kind == .serial {
+            // pipe2 is hidden from Swift's Glibc; the worker spawns no process once it runs, so
+            // setting close-on-exec right after pipe() leaks nothing.
+            _ = try Syscall.once("pipe") { pipe(&ends) }
+            for end in ends {
+                _ = fcntl(end, F_SETFD, FD_CLOEXEC)
+                _ = fcntl(end, F_SETFL, fcntl(end, F_GETFL) | O_NONBLOCK)
+            }
+            outputReadFD = ends[0]
+            outputWriteFD = ends[1]
+        } else {
+            outputReadFD = nil
+            outputWriteFD = nil
         }
-        outputReadFD = ends[0]
-        outputWriteFD = ends[1]
         do {
             listenFD = try UnixSocket.listen(path: path, mode: 0o600)
         } catch {
-            Syscall.close(ends[0])
-            Syscall.close(ends[1])
+            for end in ends where end >= 0 { Syscall.close(end) }
             throw error
         }
         do {
             let listenToken = try loop.register(fd: listenFD, events: EPOLLIN.rawValue) { [weak self] _ in self?.acceptClients() }
             state.withLock { $0.listenToken = listenToken }
-            let outputToken = try loop.register(fd: outputReadFD, events: EPOLLIN.rawValue) { [weak self] _ in
-                self?.readGuestOutput()
+            if let outputReadFD {
+                let outputToken = try loop.register(fd: outputReadFD, events: EPOLLIN.rawValue) { [weak self] _ in
+                    self?.readGuestOutput()
+                }
+                state.withLock { $0.outputToken = outputToken }
             }
-            state.withLock { $0.outputToken = outputToken }
         } catch {
             close()
             throw error
@@ -110,11 +146,63 @@ public final class ConsoleSocket: Sendable {
         }
     }
 
+    /// The socket for one `-chardev` (virtio-console port), bound at an absolute path.
+    public static func make(for console: ConsoleConfig, loop: EventLoop) throws(ConsoleSocketError) -> ConsoleSocket {
+        do {
+            return try ConsoleSocket(path: Paths.absolute(console.socketPath), loop: loop, kind: .virtioConsole)
+        } catch  where error.errno == .addressInUse {
+            throw ConsoleSocketError(
+                description:
+                    "-chardev id=\(console.id): \(console.socketPath) already exists; remove it first (the console file must not exist)")
+        } catch {
+            throw ConsoleSocketError(description: "-chardev id=\(console.id): \(console.socketPath): \(error)")
+        }
+    }
+
     /// Where client input goes (the UART's receive path); returns how many bytes it took.
     /// Input that arrives earlier waits.
     public func setInputSink(_ sink: @escaping InputSink) {
         state.withLock { $0.sink = sink }
         loop.executeNowOrSoon { [weak self] in self?.deliverInput() }
+    }
+
+    /// Called (on the loop thread, from its own task) once output refused by
+    /// ``writeOutput(_:)`` would be taken again.
+    public func setOutputSpaceHandler(_ handler: @escaping @Sendable () -> Void) {
+        state.withLock { $0.outputSpace = handler }
+    }
+
+    /// Offers waiting client input to the sink again (a virtio-console device calls it when
+    /// the driver posts receive buffers). Any thread; runs on the loop thread soon.
+    public func resumeInput() {
+        loop.execute { [weak self] in self?.deliverInput() }
+    }
+
+    /// Guest output from a virtio-console port (loop thread): kept for replay and queued for
+    /// the client. Returns how many bytes were taken: all of them without a client, else as
+    /// many as fit the client's backlog (``clientBacklogCapacity``); when that is fewer, the
+    /// output-space handler runs once the client has read enough.
+    public func writeOutput(_ bytes: UnsafeRawBufferPointer) -> Int {
+        let taken = state.withLock { s -> Int in
+            guard !s.closed else { return bytes.count }
+            var take = bytes.count
+            if s.client != nil {
+                take = min(take, max(Self.clientBacklogCapacity - s.backlog.count, 0))
+                if take < bytes.count { s.outputBlocked = true }
+                s.backlog.append(contentsOf: bytes[0..<take])
+            }
+            s.remember(bytes[0..<take])
+            return take
+        }
+        if taken > 0 { flushClient() }
+        return taken
+    }
+
+    /// Runs the output-space handler from a fresh loop task if output was refused.
+    private func releaseOutput(_ s: inout State) {
+        guard s.outputBlocked, let handler = s.outputSpace else { return }
+        s.outputBlocked = false
+        loop.execute(handler)
     }
 
     /// Stops listening, disconnects the client, removes the socket file and closes the
@@ -142,8 +230,8 @@ public final class ConsoleSocket: Sendable {
             s.input = []
             Syscall.close(listenFD)
             _ = unlink(path)
-            Syscall.close(outputReadFD)
-            Syscall.close(outputWriteFD)
+            if let outputReadFD { Syscall.close(outputReadFD) }
+            if let outputWriteFD { Syscall.close(outputWriteFD) }
         }
     }
 
@@ -202,6 +290,7 @@ public final class ConsoleSocket: Sendable {
     }
 
     private func readGuestOutput() {
+        guard let outputReadFD else { return }
         var chunk = [UInt8](repeating: 0, count: 4096)
         state.withLock { s in
             guard !s.closed else { return }
@@ -209,8 +298,7 @@ public final class ConsoleSocket: Sendable {
                 let count = chunk.withUnsafeMutableBytes { Glibc.read(outputReadFD, $0.baseAddress, $0.count) }
                 if count < 0 && errno == EINTR { continue }
                 guard count > 0 else { return }
-                s.history.append(contentsOf: chunk[0..<count])
-                if s.history.count > Self.historyCapacity { s.history.removeFirst(s.history.count - Self.historyCapacity) }
+                s.remember(chunk[0..<count])
                 if s.client != nil {
                     s.backlog.append(contentsOf: chunk[0..<count])
                     if s.backlog.count > Self.clientBacklogCapacity {
@@ -250,6 +338,7 @@ public final class ConsoleSocket: Sendable {
                 drop = true
                 return
             }
+            if s.backlog.count < Self.clientBacklogCapacity { releaseOutput(&s) }
             let wantsWritable = !s.backlog.isEmpty
             if wantsWritable != s.clientWantsWritable {
                 s.clientWantsWritable = wantsWritable
@@ -301,7 +390,8 @@ public final class ConsoleSocket: Sendable {
                 if let token = s.clientToken { modify = (token, s.clientInterest) }
             }
             if paused {
-                schedule = s.retryToken == nil && !s.closed
+                // A virtio-console device says when it has room again (resumeInput).
+                schedule = kind == .serial && s.retryToken == nil && !s.closed
             } else {
                 cancel = s.retryToken
                 s.retryToken = nil
@@ -334,8 +424,23 @@ public final class ConsoleSocket: Sendable {
             s.input = []
             s.clientReadPaused = false
             s.clientWantsWritable = false
+            releaseOutput(&s)
         }
     }
+}
+
+/// The host end of a virtio-console port (``ConsoleSocket``, or a test's stand-in). The
+/// device calls it on its loop thread, with its own lock held: implementations must not call
+/// back into the device synchronously.
+public protocol ConsolePort: AnyObject, Sendable {
+    /// Takes guest output; returns how many bytes it took (fewer: the port is full for now,
+    /// and the output-space handler runs when it has room).
+    func writeOutput(_ bytes: UnsafeRawBufferPointer) -> Int
+    /// Where host input goes; the sink returns how many bytes it placed.
+    func setInputSink(_ sink: @escaping @Sendable ([UInt8]) -> Int)
+    func setOutputSpaceHandler(_ handler: @escaping @Sendable () -> Void)
+    /// The device has room for input again.
+    func resumeInput()
 }
 
 /// Why the console socket could not be set up.

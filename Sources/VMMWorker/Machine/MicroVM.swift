@@ -191,6 +191,23 @@ public final class MicroVM: Sendable {
     /// For QMP `query-status`.
     public var guestState: GuestState { control.guestState }
 
+    /// The virtio-balloon device and its transport, when the VM has one.
+    public var balloon: (device: VirtioBalloonDevice, transport: VirtioMMIOTransport)? {
+        for transport in virtioTransports {
+            if let device = transport.device as? VirtioBalloonDevice { return (device, transport) }
+        }
+        return nil
+    }
+
+    /// Sets the balloon's target (num_pages) and, when it changed, tells the driver (§5.5.6.2:
+    /// a configuration change). False without a balloon.
+    @discardableResult
+    public func setBalloonTarget(pages: UInt32) -> Bool {
+        guard let balloon else { return false }
+        if balloon.device.setTarget(pages: pages) { balloon.transport.configurationChanged() }
+        return true
+    }
+
     /// Host input for the guest's serial port; returns how many bytes were accepted.
     @discardableResult
     public func enqueueSerialInput(_ bytes: some Collection<UInt8>) -> Int { serial.enqueueInput(bytes) }

@@ -4,6 +4,8 @@ import Protocol
 public struct VirtioDeviceSpec: Sendable {
     public enum Kind: Sendable {
         case block(DriveConfig)
+        case console(ConsoleConfig, any ConsolePort)
+        case balloon(BalloonConfig)
         case rng(RngConfig)
     }
     public let slot: Int
@@ -22,6 +24,10 @@ public struct VirtioDeviceSpec: Sendable {
         case .block(let drive):
             let backend = try BlockBackend(drive: drive)
             return VirtioBlockDevice(backend: backend, memory: memory, loop: loop, iops: drive.iops ?? 0)
+        case .console(let console, let port):
+            return VirtioConsoleDevice(id: console.id, port: port, memory: memory, loop: loop)
+        case .balloon(let balloon):
+            return VirtioBalloonDevice(balloon: balloon, memory: memory, loop: loop)
         case .rng(let rng):
             return try VirtioRngDevice(rng: rng, memory: memory, loop: loop)
         }
@@ -35,15 +41,25 @@ public enum VirtioPlan {
     public static let nicSlots = 4..<6
 
     /// The slots of the optional devices that `config` has, in the documented order
-    /// (consoles, vsock, balloon, rng), from slot 6 on. Only rng exists so far.
-    static func optionalSlots(for config: VMConfig) -> (rng: Int?, count: Int) {
+    /// (consoles, vsock, balloon, rng), from slot 6 on. vsock does not exist yet (refused).
+    static func optionalSlots(for config: VMConfig) -> (consoles: [Int], balloon: Int?, rng: Int?, count: Int) {
         var next = nicSlots.upperBound
+        var consoles: [Int] = []
+        for _ in config.consoles {
+            consoles.append(next)
+            next += 1
+        }
+        var balloon: Int?
+        if config.balloon != nil {
+            balloon = next
+            next += 1
+        }
         var rng: Int?
         if config.rng != nil {
             rng = next
             next += 1
         }
-        return (rng, next - nicSlots.upperBound)
+        return (consoles, balloon, rng, next - nicSlots.upperBound)
     }
 
     /// The slots announced on the kernel command line.
@@ -55,28 +71,24 @@ public enum VirtioPlan {
     /// naming its option: refusing it is better than starting a VM without a device its
     /// owner asked for (a StratoVirt command line is meant to give the same VM).
     public static func unimplementedDevice(in config: VMConfig) -> ConfigError? {
-        let supported = "-drive (virtio-blk), -rng (virtio-rng), -serial, -iothread"
+        let supported = "-drive (virtio-blk), -chardev (virtio-console), -balloon, -rng (virtio-rng), -serial, -iothread"
         if let net = config.nets.first {
             return ConfigError(
                 field: "-netdev / net", value: "id=\(net.id)", problem: "virtio-net is not implemented yet", allowed: supported)
-        }
-        if let console = config.consoles.first {
-            return ConfigError(
-                field: "-chardev / console", value: "id=\(console.id)", problem: "virtio-console is not implemented yet", allowed: supported
-            )
         }
         if let vsock = config.vsock {
             return ConfigError(
                 field: "-device vsock / vsock", value: "id=\(vsock.id)", problem: "vhost-vsock is not implemented yet", allowed: supported)
         }
-        if config.balloon != nil {
-            return ConfigError(field: "-balloon / balloon", problem: "virtio-balloon is not implemented yet", allowed: supported)
-        }
         return nil
     }
 
     /// One spec per configured device; each runs on its `iothread` loop, else on `mainLoop`.
-    public static func devices(for config: VMConfig, mainLoop: EventLoop, iothreads: [String: EventLoop]) throws -> [VirtioDeviceSpec] {
+    /// `consolePorts` are the host ends of the consoles, by console id (the worker creates
+    /// the sockets, so that it removes them on every exit path).
+    public static func devices(
+        for config: VMConfig, mainLoop: EventLoop, iothreads: [String: EventLoop], consolePorts: [String: any ConsolePort] = [:]
+    ) throws -> [VirtioDeviceSpec] {
         guard config.drives.count <= diskSlots.count else {
             throw MachineError(.invalidConfig, "\(config.drives.count) drives configured; at most \(diskSlots.count) are allowed")
         }
@@ -91,7 +103,17 @@ public enum VirtioPlan {
             }
             specs.append(VirtioDeviceSpec(slot: diskSlots.lowerBound + index, kind: .block(drive), loop: loop))
         }
-        if let rng = config.rng, let slot = optionalSlots(for: config).rng {
+        let optional = optionalSlots(for: config)
+        for (console, slot) in zip(config.consoles, optional.consoles) {
+            guard let port = consolePorts[console.id] else {
+                throw MachineError(.invalidConfig, "console '\(console.id)': no host socket was set up for it")
+            }
+            specs.append(VirtioDeviceSpec(slot: slot, kind: .console(console, port), loop: mainLoop))
+        }
+        if let balloon = config.balloon, let slot = optional.balloon {
+            specs.append(VirtioDeviceSpec(slot: slot, kind: .balloon(balloon), loop: mainLoop))
+        }
+        if let rng = config.rng, let slot = optional.rng {
             specs.append(VirtioDeviceSpec(slot: slot, kind: .rng(rng), loop: mainLoop))
         }
         return specs

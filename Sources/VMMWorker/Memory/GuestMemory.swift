@@ -41,6 +41,8 @@ public final class GuestMemory: @unchecked Sendable {
     public let regions: [GuestRegion]
     let base: UnsafeMutableRawPointer
     private let backingFD: Int32?
+    /// MAP_SHARED (`mem-share=on`): discarding pages must free the shared object's pages.
+    let shared: Bool
 
     /// The regions for `size` bytes of RAM, per the layout.
     public static func regions(forSize size: UInt64) -> [GuestRegion] {
@@ -95,6 +97,7 @@ public final class GuestMemory: @unchecked Sendable {
         self.size = size
         self.regions = GuestMemory.regions(forSize: size)
         self.backingFD = fd
+        self.shared = options.shared
     }
 
     deinit {
@@ -104,6 +107,16 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Top of low RAM (exclusive): `min(size, 3 GiB)`.
     public var lowRAMEnd: UInt64 { regions[0].endAddress }
+
+    /// Gives the host memory behind `[hostOffset, hostOffset + length)` of the mapping back
+    /// (a balloon inflate): the guest reads zeroes there afterwards, and touching it costs a
+    /// fresh page. Private mappings drop their pages with MADV_DONTNEED; a shared one
+    /// (`mem-share=on`: shmem, or a file in `-mem-path`) needs MADV_REMOVE, which frees the
+    /// backing pages (punches the hole) rather than only unmapping them. Both ends must be
+    /// page-aligned and inside the mapping (callers translate checked guest ranges).
+    func discard(hostOffset: Int, length: Int) throws(SyscallError) {
+        _ = try Syscall.once("madvise") { Glibc.madvise(base + hostOffset, length, shared ? MADV_REMOVE : MADV_DONTNEED) }
+    }
 
     /// Host address of the region for KVM_SET_USER_MEMORY_REGION.
     func hostAddress(of region: GuestRegion) -> UInt64 {

@@ -164,15 +164,37 @@ private final class Worker: Sendable {
             console?.close()
         }
 
+        // -chardev: one listening socket per virtio-console port, removed on every exit path.
+        var consolePorts: [String: ConsoleSocket] = [:]
+        defer {
+            mainLoop.stop()
+            for port in consolePorts.values { port.close() }
+        }
+        for chardev in config.consoles {
+            do {
+                consolePorts[chardev.id] = try ConsoleSocket.make(for: chardev, loop: loop)
+            } catch {
+                return startupFailure("\(error)")
+            }
+        }
+
         let vm: MicroVM
         do {
             let output: FileDescriptor? = config.serial?.stdio == true ? .standardOutput : console?.guestOutput
-            let devices = try VirtioPlan.devices(for: config, mainLoop: loop, iothreads: iothreads)
+            let devices = try VirtioPlan.devices(for: config, mainLoop: loop, iothreads: iothreads, consolePorts: consolePorts)
             vm = try MicroVM(config: config, serialOutput: output, virtioSlots: VirtioPlan.slots(for: config), virtioDevices: devices)
         } catch {
             return startupFailure("cannot create the VM: \(error)")
         }
         console?.setInputSink { vm.enqueueSerialInput($0) }
+        // QEMU's BALLOON_CHANGE: the guest's memory as the balloon leaves it, whenever the
+        // driver changes `actual` (emitted from the main loop).
+        let ramBytes = config.machine.memoryBytes
+        vm.balloon?.device.observeActual { actual in
+            loop.execute {
+                events.emit("BALLOON_CHANGE", data: ["actual": .integer(BalloonCommands.guestBytes(ram: ramBytes, actual: actual))])
+            }
+        }
         for (name, iothread) in iothreads.sorted(by: { $0.key < $1.key }) {
             do {
                 iothreadThreads.append(try iothread.startThread())
@@ -318,6 +340,7 @@ private final class Worker: Sendable {
         table.register("query-name") { _ in
             .success(name.map { ["name": .string($0)] } ?? [:])
         }
+        BalloonCommands.register(in: &table, vm: vm, ramBytes: config.machine.memoryBytes)
         return table
     }
 

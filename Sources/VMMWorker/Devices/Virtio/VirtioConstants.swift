@@ -26,7 +26,9 @@ public enum Virtio {
 
     public enum DeviceID {
         public static let block: UInt32 = 2
+        public static let console: UInt32 = 3
         public static let rng: UInt32 = 4
+        public static let balloon: UInt32 = 5
     }
 
     // MARK: Interrupt status bits (§4.2.2, InterruptStatus)

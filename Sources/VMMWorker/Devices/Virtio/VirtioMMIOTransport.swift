@@ -190,10 +190,16 @@ public final class VirtioMMIOTransport: Sendable {
         Syscall.close(interrupt.eventFD)
     }
 
-    /// Bumps ConfigGeneration and tells the driver the configuration changed (§2.5.1, §4.2.3.4).
+    /// Bumps ConfigGeneration and tells the driver the configuration changed (§2.5.1,
+    /// §4.2.3.4: InterruptStatus bit 1, then the interrupt). Before DRIVER_OK there is no
+    /// driver to tell (it reads the configuration when it sets the device up), so only the
+    /// generation moves.
     public func configurationChanged() {
-        registers.withLock { $0.configGeneration &+= 1 }
-        interrupt.signal(Virtio.Interrupt.configurationChange)
+        let live = registers.withLock { r -> Bool in
+            r.configGeneration &+= 1
+            return r.status & Virtio.Status.driverOK != 0
+        }
+        if live { interrupt.signal(Virtio.Interrupt.configurationChange) }
     }
 
     /// The device status as the driver reads it.
