@@ -62,6 +62,10 @@ case .run:
         writeStandardError("flotilla-vmm: configuration error: \(unimplemented)\n")
         exit(WorkerProcess.ExitStatus.configuration)
     }
+    if let missing = VirtioPlan.missingTap(in: config) {
+        writeStandardError("flotilla-vmm: configuration error: \(missing)\n")
+        exit(WorkerProcess.ExitStatus.configuration)
+    }
     if invocation.runtime.daemonize && !Daemon.isDaemonProcess {
         // The daemon is this program again, in a new session; wait until it is ready.
         let status = Daemon.launch(arguments: Array(CommandLine.arguments.dropFirst())) { message in

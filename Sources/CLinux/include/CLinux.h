@@ -13,6 +13,7 @@
 #include "fl_pidfd.h"
 #include "fl_socket.h"
 #include "fl_spawn.h"
+#include "fl_tap.h"
 #include "fl_thread.h"
 #include "fl_tmpfile.h"
 #endif

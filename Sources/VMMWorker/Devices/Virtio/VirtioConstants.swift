@@ -25,6 +25,7 @@ public enum Virtio {
     // MARK: Device types (§5)
 
     public enum DeviceID {
+        public static let network: UInt32 = 1
         public static let block: UInt32 = 2
         public static let console: UInt32 = 3
         public static let rng: UInt32 = 4

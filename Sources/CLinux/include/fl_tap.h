@@ -1,0 +1,11 @@
+#ifndef FLOTILLA_FL_TAP_H
+#define FLOTILLA_FL_TAP_H
+/* Host tap devices for virtio-net: /dev/net/tun and its ioctls (function-like macros). */
+
+/* Attaches to the existing tap interface `name` as IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, with a
+ * `vnet_header_size`-byte virtio-net header before every frame (TUNSETVNETHDRSZ) and the
+ * offloads `offloads` (TUNSETOFFLOAD, TUN_F_* bits; 0 for none), non-blocking and
+ * close-on-exec. Returns the descriptor, or -1 with errno set and *step naming the call that
+ * failed ("open /dev/net/tun", "TUNSETIFF", ...). */
+int fl_tap_open(const char *name, int vnet_header_size, unsigned int offloads, const char **step);
+#endif
