@@ -26,6 +26,7 @@ typedef __builtin_va_list va_list;
 /* ---- port and memory-mapped I/O ---- */
 static inline void outb(u16 port, u8 v) { __asm__ __volatile__("outb %0, %1" :: "a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ __volatile__("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline void cpu_relax(void) { __asm__ __volatile__("pause" ::: "memory"); }

@@ -11,12 +11,14 @@ bool virtio_blk_probe(struct virtio_mmio_dev *dev);
 bool virtio_rng_probe(struct virtio_mmio_dev *dev);
 bool virtio_console_probe(struct virtio_mmio_dev *dev);
 bool virtio_balloon_probe(struct virtio_mmio_dev *dev);
+bool virtio_net_probe(struct virtio_mmio_dev *dev);
 
 /* The kernel command line, for drivers' own parameters. */
 const char *virtio_cmdline = "";
 
 /* Add drivers here. */
 static const struct virtio_driver drivers[] = {
+	{ VIRTIO_ID_NET, "virtio-net", virtio_net_probe },
 	{ VIRTIO_ID_BLOCK, "virtio-blk", virtio_blk_probe },
 	{ VIRTIO_ID_RNG, "virtio-rng", virtio_rng_probe },
 	{ VIRTIO_ID_CONSOLE, "virtio-console", virtio_console_probe },
