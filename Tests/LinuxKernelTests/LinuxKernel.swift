@@ -57,6 +57,8 @@ struct LinuxBootPlan: Sendable, CustomTestStringConvertible {
     var extraKernelArguments: [String] = []
     var extraVMMArguments: [String] = []
     var initrd: String?
+    /// Runs flotilla-vmm inside this network namespace (`ip netns exec`), for NICs on its taps.
+    var namespace: NetworkNamespace?
     /// Ends the boot (a failure) after this long in all, or after `stallTimeout` seconds
     /// without new serial output (a hung kernel). The slowest quiet stretch measured here is
     /// about 20 s (network initcalls) on a quiet host, but a 4-vCPU boot on this 2-core host
@@ -107,7 +109,11 @@ struct LinuxBoot: Sendable {
     static func boot(_ plan: LinuxBootPlan) throws -> LinuxBoot {
         let kernel = try LinuxKernel.image(plan.format)
         let start = Date()
-        let process = try BackgroundProcess(Executables.path("flotilla-vmm"), plan.vmmArguments(kernel: kernel))
+        let vmm = Executables.path("flotilla-vmm")
+        let arguments = plan.vmmArguments(kernel: kernel)
+        let process =
+            try plan.namespace.map { try BackgroundProcess($0.ip, $0.vmmArguments(vmm, arguments)) }
+            ?? BackgroundProcess(vmm, arguments)
         var reached: [String: Double] = [:]
         let deadline = start.addingTimeInterval(plan.timeout)
         var lastLength = 0
