@@ -4,6 +4,8 @@
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 int fl_set_current_thread_name(const char *name) {
     char truncated[16];
@@ -31,3 +33,5 @@ int fl_unblock_signal(int signo) {
     sigaddset(&set, signo);
     return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
+
+int fl_current_thread_id(void) { return (int)syscall(SYS_gettid); }

@@ -15,6 +15,9 @@ int fl_kick_signal(void);
  * (KVM_RUN) in the receiving thread returns EINTR. Returns 0 or -1 with errno set. */
 int fl_install_noop_handler(int signo);
 
+/* The calling thread's kernel thread id (gettid(2)), as /proc/PID/task lists it. */
+int fl_current_thread_id(void);
+
 /* Unblocks signo in the calling thread's signal mask. Returns 0 or an errno value. */
 int fl_unblock_signal(int signo);
 #endif

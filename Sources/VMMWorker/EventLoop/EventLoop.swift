@@ -20,6 +20,8 @@ public final class EventLoop: Sendable {
         var stopped = false
         /// The thread inside `run`, if any.
         var runner: pthread_t?
+        /// Its kernel thread id (QMP query-iothreads).
+        var threadID: Int32?
     }
 
     public let name: String
@@ -161,6 +163,9 @@ public final class EventLoop: Sendable {
         return pthread_equal(runner, pthread_self()) != 0
     }
 
+    /// The kernel thread id of the thread running this loop, while one does.
+    public var threadID: Int32? { state.withLock { $0.threadID } }
+
     /// Runs `work` now when called on the loop thread, else on the loop thread soon.
     public func executeNowOrSoon(_ work: @escaping @Sendable () -> Void) {
         if inLoopThread { work() } else { execute(work) }
@@ -185,8 +190,17 @@ public final class EventLoop: Sendable {
 
     /// Dispatches events on the calling thread until `stop`.
     public func run() {
-        state.withLock { $0.runner = pthread_self() }
-        defer { state.withLock { $0.runner = nil } }
+        let threadID = fl_current_thread_id()
+        state.withLock {
+            $0.runner = pthread_self()
+            $0.threadID = threadID
+        }
+        defer {
+            state.withLock {
+                $0.runner = nil
+                $0.threadID = nil
+            }
+        }
         let capacity = 32
         var events = [epoll_event](repeating: epoll_event(), count: capacity)
         while true {

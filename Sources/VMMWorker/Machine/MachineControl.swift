@@ -58,6 +58,8 @@ final class MachineControl: Sendable {
         var total = 0
         /// Per vCPU: its thread (once started) and its handle (once created), for kicks.
         var threads: [pthread_t?] = []
+        /// Per vCPU: its kernel thread id once started (QMP query-cpus).
+        var threadIDs: [Int32?] = []
         var vcpus: [VirtualCPU?] = []
         /// A thread is live from registration until it ends; only live threads get signals.
         var live: [Bool] = []
@@ -113,6 +115,7 @@ final class MachineControl: Sendable {
         lock.withLock { s in
             s.total = vcpus
             s.threads = Array(repeating: nil, count: vcpus)
+            s.threadIDs = Array(repeating: nil, count: vcpus)
             s.vcpus = Array(repeating: nil, count: vcpus)
             s.live = Array(repeating: false, count: vcpus)
             s.phase = .starting
@@ -191,6 +194,11 @@ final class MachineControl: Sendable {
         }
     }
 
+    /// Each vCPU's kernel thread id, nil before its thread started.
+    var threadIDs: [Int32?] {
+        lock.withLock { $0.threadIDs }
+    }
+
     var reason: VMExitReason? {
         lock.withLock { $0.finished ? $0.reason : nil }
     }
@@ -213,8 +221,10 @@ final class MachineControl: Sendable {
     // MARK: vCPU thread side
 
     func registerThread(_ index: Int) {
+        let threadID = fl_current_thread_id()
         lock.withLock { s in
             s.threads[index] = pthread_self()
+            s.threadIDs[index] = threadID
             s.live[index] = true
         }
     }

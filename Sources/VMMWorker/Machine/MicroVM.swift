@@ -188,6 +188,9 @@ public final class MicroVM: Sendable {
     /// An eventfd (EFD_NONBLOCK) that becomes readable when the VM has ended. Owned by the VM.
     public var exitEventFD: FileDescriptor { FileDescriptor(rawValue: control.exitEventFD) }
 
+    /// Each vCPU's kernel thread id (an entry in /proc/PID/task), nil before it started.
+    public var vcpuThreadIDs: [Int32?] { control.threadIDs }
+
     /// For QMP `query-status`.
     public var guestState: GuestState { control.guestState }
 

@@ -260,7 +260,7 @@ private final class Worker: Sendable {
             }
         }
         log.info("VM started: \(config.machine.vcpuCount) vCPUs, \(config.machine.memoryBytes >> 20) MiB")
-        qmp?.open(commands: commands(vm: vm, events: events))
+        qmp?.open(commands: commands(vm: vm, events: events, iothreads: iothreads))
         readiness?.ready()
 
         // The main loop's thread serves the VM from here; this thread waits for its end
@@ -294,9 +294,9 @@ private final class Worker: Sendable {
         }
     }
 
-    /// The basic QMP command set (QMP reference: qmp_capabilities, query-status, stop,
-    /// cont, quit, query-version, query-name); later issues add to this table.
-    func commands(vm: MicroVM, events: QMPEventSink) -> QMPCommandTable {
+    /// The QMP command set: lifecycle (query-status, stop, cont, quit), query-version,
+    /// query-name, the balloon's and the other queries (QueryCommands).
+    func commands(vm: MicroVM, events: QMPEventSink, iothreads: [String: EventLoop]) -> QMPCommandTable {
         var table = QMPCommandTable()
         let name = config.name
         table.register("query-status") { _ in
@@ -341,6 +341,7 @@ private final class Worker: Sendable {
             .success(name.map { ["name": .string($0)] } ?? [:])
         }
         BalloonCommands.register(in: &table, vm: vm, ramBytes: config.machine.memoryBytes)
+        QueryCommands.register(in: &table, vm: vm, config: config, iothreads: iothreads)
         return table
     }
 
