@@ -11,6 +11,7 @@ bool virtio_blk_probe(struct virtio_mmio_dev *dev);
 bool virtio_rng_probe(struct virtio_mmio_dev *dev);
 bool virtio_console_probe(struct virtio_mmio_dev *dev);
 bool virtio_balloon_probe(struct virtio_mmio_dev *dev);
+void virtio_blk_remove(struct virtio_mmio_dev *dev);
 bool virtio_net_probe(struct virtio_mmio_dev *dev);
 
 /* The kernel command line, for drivers' own parameters. */
@@ -101,6 +102,53 @@ static const struct virtio_driver *find_driver(u32 device_id)
 	return NULL;
 }
 
+/*
+ * flotilla.rescan=1 (with flotilla.hold=1): the hold loop re-reads DeviceID of every slot
+ * that was empty or a disk at boot, every RESCAN_POLLS polls (~100 ms). A slot that turns
+ * into a virtio-blk device gets the virtio-blk driver (its usual fact and check lines); a
+ * device whose DeviceID goes back to 0 was unplugged ("fact device-removed"). Linux does the
+ * same only when told to re-probe (docs/guest-abi.md "Hot-plug").
+ */
+#define RESCAN_POLLS 5
+static bool opt_rescan;
+static u32 watched_id[MAX_VIRTIO_DEVICES];
+static bool watched[MAX_VIRTIO_DEVICES];
+
+static void rescan_param(const char *key, size_t keylen, const char *val, size_t vallen, void *ctx)
+{
+	if (param_is(key, keylen, "flotilla.rescan"))
+		opt_rescan = !val || !vallen || val[0] == '1' || val[0] == 'y' || val[0] == 'Y';
+}
+
+static void rescan_poll(void)
+{
+	static u32 tick;
+	if (++tick % RESCAN_POLLS)
+		return;
+	for (u32 i = 0; i < vscan.count; i++) {
+		if (!watched[i])
+			continue;
+		struct virtio_mmio_dev *d = &vscan.dev[i];
+		u32 id = vm_read(d, VIRTIO_MMIO_DEVICE_ID);
+		if (id == watched_id[i])
+			continue;
+		if (watched_id[i] == VIRTIO_ID_BLOCK) {
+			virtio_blk_remove(d);
+			kprintf("flotilla-guest: fact device-removed base=0x%lx irq=%u device_id=%u\n", d->base, d->irq, watched_id[i]);
+		}
+		watched_id[i] = id;
+		d->device_id = id;
+		if (id != VIRTIO_ID_BLOCK)
+			continue;
+		d->version = vm_read(d, VIRTIO_MMIO_VERSION);
+		d->vendor_id = vm_read(d, VIRTIO_MMIO_VENDOR_ID);
+		kprintf("flotilla-guest: fact device-added virtio-mmio base=0x%lx irq=%u device_id=%u vendor=0x%x version=%u\n",
+			d->base, d->irq, id, d->vendor_id, d->version);
+		if (d->version == 2)
+			virtio_blk_probe(d);
+	}
+}
+
 void virtio_probe_all(const char *cmdline)
 {
 	struct virtio_scan *sc = &vscan;
@@ -142,6 +190,18 @@ void virtio_probe_all(const char *cmdline)
 			driver_fail++;
 	}
 	kprintf("flotilla-guest: fact device-slots total=%u empty=%u\n", sc->count, empty);
+	parse_params(cmdline, rescan_param, NULL);
+	if (opt_rescan) {
+		for (u32 i = 0; i < sc->count; i++) {
+			struct virtio_mmio_dev *d = &sc->dev[i];
+			if (d->size >= 0x100 && d->base + 0x100 <= 0x100000000UL && !(d->base & 3) && (d->device_id == 0 || d->device_id == VIRTIO_ID_BLOCK) &&
+			    vm_read(d, VIRTIO_MMIO_MAGIC_VALUE) == VIRTIO_MMIO_MAGIC) {
+				watched[i] = true;
+				watched_id[i] = d->device_id;
+			}
+		}
+		virtio_hold_register(rescan_poll);
+	}
 	check("virtio-mmio", bad == 0 && legacy == 0 && sc->bad_syntax == 0 && driver_fail == 0,
 	      "slots=%u empty=%u bad=%u not-modern=%u bad-syntax=%u driver-fail=%u",
 	      sc->count, empty, bad, legacy, sc->bad_syntax, driver_fail);

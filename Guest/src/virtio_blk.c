@@ -94,7 +94,7 @@ static bool need_event(u16 event, u16 new_idx, u16 old_idx) { return (u16)(new_i
 static void blk_irq(u32 vector)
 {
 	for (u32 i = 0; i < ndisks; i++) {
-		if (IRQ_VECTOR_BASE + disks[i].dev->irq != vector)
+		if (!disks[i].dev || IRQ_VECTOR_BASE + disks[i].dev->irq != vector)
 			continue;
 		/* §4.2.3.4: read InterruptStatus and acknowledge what was read. */
 		u32 st = vm_read(disks[i].dev, VIRTIO_MMIO_INTERRUPT_STATUS);
@@ -433,16 +433,30 @@ static void blk_loop(struct blkdev *b)
 	kprintf("flotilla-guest: fact blk-loop end n=%lu ok=%lu\n", opt_blkloop, ok);
 }
 
+/* A hot-unplugged disk (flotilla.rescan): its entry is free for the next one. */
+void virtio_blk_remove(struct virtio_mmio_dev *d)
+{
+	for (u32 i = 0; i < ndisks; i++)
+		if (disks[i].dev == d)
+			disks[i].dev = NULL;
+}
+
 bool virtio_blk_probe(struct virtio_mmio_dev *d)
 {
-	if (ndisks >= MAX_DISKS) {
+	u32 slot = 0;
+	while (slot < ndisks && disks[slot].dev)
+		slot++;
+	if (slot >= MAX_DISKS) {
 		check("virtio-blk", false, "base=0x%lx more than %u disks", d->base, MAX_DISKS);
 		return false;
 	}
-	struct blkdev *b = &disks[ndisks];
+	if (slot == ndisks)
+		ndisks++;
+	struct blkdev *b = &disks[slot];
+	memset(b, 0, sizeof(*b));
 	b->dev = d;
-	b->q = &queue_pages[ndisks];
-	b->index = ndisks++;
+	b->q = &queue_pages[slot];
+	b->index = slot;
 	const char *why = NULL;
 	char name[16];
 	ksnprintf(name, sizeof(name), "virtio-blk%u", b->index);

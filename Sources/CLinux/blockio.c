@@ -54,3 +54,5 @@ void *fl_aligned_alloc(uint64_t alignment, uint64_t size) {
         return NULL;
     return p;
 }
+
+unsigned long fl_blkgetsize64_request(void) { return BLKGETSIZE64; }

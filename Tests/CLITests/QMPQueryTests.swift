@@ -16,6 +16,7 @@ struct QMPQueryTests {
         "query-version", "query-name", "balloon", "query-balloon", "query-target", "query-kvm", "query-machines",
         "query-events", "query-migrate", "query-migrate-capabilities", "query-tpm-models", "query-tpm-types",
         "query-block-jobs", "query-cpus", "query-cpus-fast", "query-hotpluggable-cpus", "query-iothreads", "query-chardev",
+        "query-block", "query-named-block-nodes", "blockdev-add", "blockdev-del", "device_add", "device_del",
     ]
 
     static func threadName(pid: pid_t, tid: Int64) -> String? {
@@ -85,13 +86,19 @@ struct QMPQueryTests {
         let machines = try #require(try qmp.execute("query-machines")["return"]?.arrayValue)
         #expect(machines.first?.objectValue?["name"] == "microvm" && machines.first?.objectValue?["cpu-max"] == 254)
         let events = try #require(try qmp.execute("query-events")["return"]?.arrayValue)
-        #expect(Set(events.compactMap { $0.objectValue?["name"]?.stringValue }) == ["SHUTDOWN", "STOP", "RESUME", "BALLOON_CHANGE"])
+        #expect(
+            Set(events.compactMap { $0.objectValue?["name"]?.stringValue }) == [
+                "SHUTDOWN", "STOP", "RESUME", "BALLOON_CHANGE", "DEVICE_DELETED",
+            ])
         let version = try #require(try qmp.execute("query-version")["return"]?.objectValue)
         #expect(version["qemu"]?.objectValue?["major"]?.numberValue != nil)
         #expect(version["package"]?.stringValue?.hasPrefix("flotilla-vmm ") == true)
         #expect(try qmp.execute("query-migrate")["return"] == [:])
         #expect(try qmp.execute("query-block-jobs")["return"] == [])
         #expect(try qmp.execute("query-chardev")["return"] == [["label": "serial0", "filename": "stdio", "frontend-open": true]])
+
+        #expect(try qmp.execute("query-block")["return"] == [])
+        #expect(try qmp.execute("query-named-block-nodes")["return"] == [])
 
         let listed = try #require(try qmp.execute("query-commands")["return"]?.arrayValue)
         let names = listed.compactMap { $0.objectValue?["name"]?.stringValue }

@@ -32,3 +32,80 @@ struct QMPArgumentTests {
         }
     }
 }
+
+@Suite("QMP hot-plug arguments (blockdev-add, device_add as StratoVirt takes them)")
+struct QMPHotplugArgumentTests {
+    @Test("blockdev-add: StratoVirt's example becomes the node's drive; defaults as -drive; what cannot be honoured is refused")
+    func blockdevAdd() throws {
+        let drive = try QMPHotplug.blockdevAdd([
+            "node-name": "drive-0", "file": ["driver": "file", "filename": "/path/to/block", "aio": "native"],
+            "cache": ["direct": false], "read-only": true, "throttling.iops-total": 500,
+        ])
+        #expect(drive == DriveConfig(id: "drive-0", path: "/path/to/block", readOnly: true, direct: false, iops: 500))
+        let plain = try QMPHotplug.blockdevAdd(["node-name": "n", "file": ["driver": "file", "filename": "/img"], "driver": "raw"])
+        #expect(plain == DriveConfig(id: "n", path: "/img", readOnly: false, direct: true))
+
+        func refused(_ object: JSONObject) -> String? {
+            do {
+                _ = try QMPHotplug.blockdevAdd(object)
+                return nil
+            } catch {
+                return error.description
+            }
+        }
+        let file: JSONValue = ["driver": "file", "filename": "/img"]
+        #expect(refused(["file": file]) == "Parameter 'node-name' is missing")
+        #expect(refused(["node-name": "n"]) == "Parameter 'file' is missing")
+        #expect(refused(["node-name": "n", "file": ["driver": "file"]]) == "Parameter 'file.filename' is missing")
+        #expect(refused(["node-name": "n", "file": file, "bogus": 1]) == "Parameter 'bogus' is unexpected")
+        #expect(
+            refused(["node-name": "n", "file": file, "read-only": "yes"]) == "Invalid parameter type for 'read-only', expected: boolean")
+        #expect(refused(["node-name": "n", "file": file, "driver": "qcow2"])?.contains("allowed: 'raw'") == true)
+        #expect(
+            refused(["node-name": "n", "file": ["driver": "nbd", "filename": "/img"]])?.hasPrefix("Parameter 'file.driver' value 'nbd'")
+                == true)
+        #expect(refused(["node-name": "n", "file": ["driver": "file", "filename": ""]]) == "file.filename '': path must not be empty")
+        #expect(refused(["node-name": "", "file": file]) == "node-name '': id must not be empty")
+        #expect(
+            refused(["node-name": "n", "file": file, "throttling.iops-total": 2_000_000])?.hasPrefix("throttling.iops-total '2000000'")
+                == true)
+        #expect(refused(["node-name": "n", "file": file, "cache": ["no-flush": true]])?.hasPrefix("Parameter 'cache.no-flush'") == true)
+    }
+
+    @Test("device_add: the node defaults to the id (StratoVirt's MicroVm rule), addr is the disk slot, QEMU's wording for the rest")
+    func deviceAdd() throws {
+        #expect(
+            try QMPHotplug.deviceAdd(["id": "drive-0", "driver": "virtio-blk-mmio"], diskSlots: 4)
+                == .block(.init(id: "drive-0", node: "drive-0", slot: nil, serial: nil, iothread: nil)))
+        #expect(
+            try QMPHotplug.deviceAdd(
+                ["id": "d", "driver": "virtio-blk-device", "drive": "n", "addr": "0x3", "serial": "s", "iothread": "io"], diskSlots: 4)
+                == .block(.init(id: "d", node: "n", slot: 3, serial: "s", iothread: "io")))
+        #expect(
+            try QMPHotplug.deviceAdd(["id": "d", "driver": "virtio-blk-mmio", "addr": "2"], diskSlots: 4)
+                == .block(.init(id: "d", node: "d", slot: 2)))
+        #expect(try QMPHotplug.deviceAdd(["id": "net-0", "driver": "virtio-net-mmio", "addr": "0x0"], diskSlots: 4) == .net(id: "net-0"))
+
+        func refused(_ object: JSONObject) -> String? {
+            do {
+                _ = try QMPHotplug.deviceAdd(object, diskSlots: 4)
+                return nil
+            } catch {
+                return error.description
+            }
+        }
+        #expect(refused(["id": "d"]) == "Parameter 'driver' is missing")
+        #expect(refused(["id": "d", "driver": 3]) == "Invalid parameter type for 'driver', expected: string")
+        #expect(refused(["id": "d", "driver": "e1000"]) == "'e1000' is not a valid device model name")
+        #expect(refused(["driver": "virtio-blk-mmio"]) == "Parameter 'id' is missing")
+        #expect(refused(["id": "d", "driver": "virtio-blk-mmio", "mac": "x"]) == "Property 'virtio-blk-mmio.mac' not found")
+        #expect(refused(["id": "d", "driver": "virtio-blk-mmio", "addr": "zz"]) == "Invalid addr for device d")
+        #expect(
+            refused(["id": "d", "driver": "virtio-blk-mmio", "addr": "0x4"])?.hasPrefix("addr '0x4' of device d is out of range") == true)
+        #expect(refused(["id": "d", "driver": "virtio-blk-mmio", "serial": "123456789012345678901"])?.contains("at most 20 bytes") == true)
+        #expect(refused(["id": "d", "driver": "virtio-blk-mmio", "drive": 1]) == "Invalid parameter type for 'drive', expected: string")
+        #expect(try QMPHotplug.name(["id": "d"], key: "id") == "d")
+        #expect(throws: QMPArgumentError("Parameter 'id' is missing")) { try QMPHotplug.name([:], key: "id") }
+        #expect(throws: QMPArgumentError("Parameter 'force' is unexpected")) { try QMPHotplug.name(["id": "d", "force": true], key: "id") }
+    }
+}

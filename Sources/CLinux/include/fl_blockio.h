@@ -21,6 +21,10 @@ int fl_zero_range(int fd, uint64_t offset, uint64_t length);
 /* The size in bytes of a regular file or a block device (BLKGETSIZE64); -1 with errno. */
 int64_t fl_image_size(int fd, int *is_block_device);
 
+/* The BLKGETSIZE64 ioctl request (for the seccomp filter: QMP blockdev-add sizes block
+ * devices after start-up). */
+unsigned long fl_blkgetsize64_request(void);
+
 /* posix_memalign wrapper: NULL on failure. Free with free(). */
 void *fl_aligned_alloc(uint64_t alignment, uint64_t size);
 #endif

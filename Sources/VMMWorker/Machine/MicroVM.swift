@@ -20,8 +20,14 @@ public final class MicroVM: Sendable {
     public let bootInfo: BootInfo
     public let serial: Serial8250
     public let i8042: I8042
-    /// The virtio-mmio transports with a device, in slot order.
-    public let virtioTransports: [VirtioMMIOTransport]
+    /// The transports of the slots after the NICs (consoles, balloon, rng), which never change.
+    let fixedTransports: [VirtioMMIOTransport]
+    /// The disk and NIC slots (0–5), whose transports QMP plugs and unplugs.
+    public let replaceableSlots: [ReplaceableSlot]
+    /// The virtio-mmio transports with a device now, in slot order.
+    public var virtioTransports: [VirtioMMIOTransport] {
+        replaceableSlots.compactMap(\.transport) + fixedTransports
+    }
     let ports: PortIOBus
     let mmio: MMIOBus
     let supportedCPUID: [CPUIDEntry]
@@ -81,23 +87,34 @@ public final class MicroVM: Sendable {
         self.ports = ports
         var mmio = MMIOBus()
         var transports: [VirtioMMIOTransport] = []
+        var replaceable: [ReplaceableSlot] = []
         for (index, slot) in virtioSlots.enumerated() {
             let specs = virtioDevices.filter { $0.slot == index }
-            guard let spec = specs.first else {
-                mmio.register(.emptySlot, base: slot.base, size: slot.size)
-                continue
-            }
-            guard specs.count == 1 else {
+            guard specs.count <= 1 else {
                 throw MachineError(.invalidConfig, "\(specs.count) devices assigned to virtio-mmio slot \(index)")
             }
-            let transport = try VirtioMMIOTransport(slot: slot, device: spec.makeDevice(memory: memory), memory: memory, vm: vm)
-            transports.append(transport)
-            mmio.register(.virtio(transport), base: slot.base, size: slot.size)
+            var transport: VirtioMMIOTransport?
+            if let spec = specs.first {
+                transport = try VirtioMMIOTransport(slot: slot, device: spec.makeDevice(memory: memory), memory: memory, vm: vm)
+            }
+            // Disk and NIC slots take hot-plugged devices (and give up cold-plugged ones).
+            if index < VirtioPlan.nicSlots.upperBound {
+                let holder = ReplaceableSlot(index: index)
+                if let transport { _ = holder.plug(transport) }
+                replaceable.append(holder)
+                mmio.register(.replaceable(holder), base: slot.base, size: slot.size)
+            } else if let transport {
+                transports.append(transport)
+                mmio.register(.virtio(transport), base: slot.base, size: slot.size)
+            } else {
+                mmio.register(.emptySlot, base: slot.base, size: slot.size)
+            }
         }
         for spec in virtioDevices where spec.slot < 0 || spec.slot >= virtioSlots.count {
             throw MachineError(.invalidConfig, "a device is assigned to virtio-mmio slot \(spec.slot), which is not announced")
         }
-        virtioTransports = transports
+        fixedTransports = transports
+        replaceableSlots = replaceable
         self.mmio = mmio
     }
 
@@ -209,6 +226,32 @@ public final class MicroVM: Sendable {
         guard let balloon else { return false }
         if balloon.device.setTarget(pages: pages) { balloon.transport.configurationChanged() }
         return true
+    }
+
+    /// Hot-plug: wires a transport for `device` into the empty replaceable slot `index` (KVM
+    /// irqfd and ioeventfds first, then the slot, so the guest's first access finds it
+    /// complete). Throws if the slot is not replaceable or not empty.
+    public func plug(_ device: any VirtioDevice, slot index: Int) throws -> VirtioMMIOTransport {
+        guard replaceableSlots.indices.contains(index) else {
+            throw MachineError(.invalidConfig, "virtio-mmio slot \(index) does not take hot-plugged devices")
+        }
+        let holder = replaceableSlots[index]
+        guard holder.transport == nil else { throw MachineError(.state, "virtio-mmio slot \(index) is occupied") }
+        let transport = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: index), device: device, memory: memory, vm: vm)
+        guard holder.plug(transport) else {
+            transport.detach()
+            throw MachineError(.state, "virtio-mmio slot \(index) is occupied")
+        }
+        return transport
+    }
+
+    /// Hot-unplug: empties slot `index` (guest reads see an empty slot from here on), then
+    /// resets the device and unwires it from KVM. Returns what was plugged.
+    @discardableResult
+    public func unplug(slot index: Int) -> VirtioMMIOTransport? {
+        guard replaceableSlots.indices.contains(index), let transport = replaceableSlots[index].unplug() else { return nil }
+        transport.detach()
+        return transport
     }
 
     /// Host input for the guest's serial port; returns how many bytes were accepted.

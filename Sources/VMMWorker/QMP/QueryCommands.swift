@@ -8,7 +8,7 @@ import Protocol
 enum QueryCommands {
     /// The events this VMM emits, for query-events (QEMU's names; StratoVirt's reply spells
     /// its own enum cases instead).
-    static let events = ["BALLOON_CHANGE", "RESUME", "SHUTDOWN", "STOP"]
+    static let events = ["BALLOON_CHANGE", "DEVICE_DELETED", "RESUME", "SHUTDOWN", "STOP"]
 
     /// QEMU's CPU path for vCPU `index`, as StratoVirt reports it.
     static func qomPath(_ index: Int) -> String { "/machine/unattached/device[\(index)]" }

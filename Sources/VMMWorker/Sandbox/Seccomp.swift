@@ -1,4 +1,5 @@
 import CKVM
+import CLinux
 import CSeccomp
 import Glibc
 import SystemPackage
@@ -30,20 +31,28 @@ enum Seccomp {
         "unlink", "unlinkat", "exit", "exit_group",
     ]
 
+    /// What QMP disk hot-plug adds, only for a VM with an api-channel: blockdev-add opens and
+    /// locks an image (openat, flock; fstat and BLKGETSIZE64 for its size), device_add creates
+    /// the slot's eventfds and wires them into KVM (KVM_IRQFD, KVM_IOEVENTFD, listed anyway).
+    /// This is StratoVirt's trade too (its MicroVm whitelist has openat for hot-plug): whoever
+    /// holds the api-channel already controls the VM; a guest gains open() only with code
+    /// execution in the VMM.
+    static let hotplugSystemCalls = ["openat", "flock", "eventfd2"]
+
     /// ioctl requests in use after start-up: running vCPUs and raising IRQs, reading vCPU
     /// state for failure reports, and restoring the terminal.
     static var allowedIoctls: [UInt64] {
         [
             FL_KVM_RUN, FL_KVM_IRQ_LINE, FL_KVM_IOEVENTFD, FL_KVM_IRQFD, FL_KVM_GET_REGS, FL_KVM_GET_SREGS,
             FL_KVM_GET_FPU, FL_KVM_GET_LAPIC, FL_KVM_GET_MP_STATE, FL_KVM_SET_MP_STATE,
-            UInt(TCGETS), UInt(TCSETS), UInt(TCSETSW), UInt(TIOCGWINSZ),
+            UInt(TCGETS), UInt(TCSETS), UInt(TCSETSW), UInt(TIOCGWINSZ), UInt(fl_blkgetsize64_request()),
         ].map { UInt64($0) }
     }
 
-    /// Installs the filter on every thread. `logOnly` (FLOTILLA_SECCOMP_LOG=1) allows and
+    /// Installs the filter on every thread; `hotplug` adds ``hotplugSystemCalls``. `logOnly` (FLOTILLA_SECCOMP_LOG=1) allows and
     /// audit-logs violations instead, to find a missing entry.
-    static func install(logOnly: Bool) throws(SyscallError) {
-        let names = allowedSystemCalls.map { strdup($0) }
+    static func install(logOnly: Bool, hotplug: Bool) throws(SyscallError) {
+        let names = (allowedSystemCalls + (hotplug ? hotplugSystemCalls : [])).map { strdup($0) }
         defer { for name in names { free(name) } }
         let ioctls = allowedIoctls
         var failedName: UnsafePointer<CChar>?

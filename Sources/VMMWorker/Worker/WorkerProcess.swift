@@ -252,7 +252,7 @@ private final class Worker: Sendable {
         }
         if !runtime.disableSeccomp {
             do {
-                try Seccomp.install(logOnly: getenv("FLOTILLA_SECCOMP_LOG") != nil)
+                try Seccomp.install(logOnly: getenv("FLOTILLA_SECCOMP_LOG") != nil, hotplug: qmp != nil)
             } catch {
                 vm.requestShutdown()
                 _ = vm.waitForExit()
@@ -260,7 +260,7 @@ private final class Worker: Sendable {
             }
         }
         log.info("VM started: \(config.machine.vcpuCount) vCPUs, \(config.machine.memoryBytes >> 20) MiB")
-        qmp?.open(commands: commands(vm: vm, events: events, iothreads: iothreads))
+        qmp?.open(commands: commands(vm: vm, events: events, mainLoop: loop, iothreads: iothreads))
         readiness?.ready()
 
         // The main loop's thread serves the VM from here; this thread waits for its end
@@ -295,8 +295,9 @@ private final class Worker: Sendable {
     }
 
     /// The QMP command set: lifecycle (query-status, stop, cont, quit), query-version,
-    /// query-name, the balloon's and the other queries (QueryCommands).
-    func commands(vm: MicroVM, events: QMPEventSink, iothreads: [String: EventLoop]) -> QMPCommandTable {
+    /// query-name, the balloon's and the other queries (QueryCommands), disk hot-plug
+    /// (HotplugCommands).
+    func commands(vm: MicroVM, events: QMPEventSink, mainLoop: EventLoop, iothreads: [String: EventLoop]) -> QMPCommandTable {
         var table = QMPCommandTable()
         let name = config.name
         table.register("query-status") { _ in
@@ -342,6 +343,8 @@ private final class Worker: Sendable {
         }
         BalloonCommands.register(in: &table, vm: vm, ramBytes: config.machine.memoryBytes)
         QueryCommands.register(in: &table, vm: vm, config: config, iothreads: iothreads)
+        let hotplug = BlockHotplug(vm: vm, config: config, mainLoop: mainLoop, iothreads: iothreads)
+        HotplugCommands.register(in: &table, hotplug: hotplug, events: events)
         return table
     }
 

@@ -36,9 +36,7 @@ public final class BlockBackend: Sendable {
         path = drive.path
         readOnly = drive.readOnly
         direct = drive.direct
-        var serialBytes = Array((drive.serial ?? "").utf8.prefix(Self.serialLength))
-        serialBytes += [UInt8](repeating: 0, count: Self.serialLength - serialBytes.count)
-        serial = serialBytes
+        serial = Self.paddedSerial(drive.serial ?? "")
 
         let what = "drive '\(drive.id)': image \(drive.path)"
         var opened = fl_open_image(drive.path, drive.readOnly ? 0 : 1, drive.direct ? 1 : 0)
@@ -81,6 +79,12 @@ public final class BlockBackend: Sendable {
     }
 
     deinit { Syscall.close(fd) }
+
+    /// `text`'s first 20 bytes, NUL-padded to 20 (GET_ID's answer).
+    static func paddedSerial(_ text: String) -> [UInt8] {
+        let bytes = Array(text.utf8.prefix(serialLength))
+        return bytes + [UInt8](repeating: 0, count: serialLength - bytes.count)
+    }
 
     // MARK: I/O (the device's event loop thread)
 

@@ -31,9 +31,15 @@ public struct BlockRequestHandler: Sendable {
     /// Segments one DISCARD or WRITE_ZEROES request may carry (config max_*_seg).
     public static let maxDiscardSegments: UInt64 = 1
 
-    public init(backend: BlockBackend, memory: GuestMemory) {
+    /// GET_ID's answer: 20 bytes, NUL-padded (§5.2.6).
+    let serial: [UInt8]
+
+    /// `serial` is the device's (QMP device_add `serial`); nil answers GET_ID with the
+    /// backend's (-drive `serial`).
+    public init(backend: BlockBackend, memory: GuestMemory, serial: String? = nil) {
         self.backend = backend
         self.memory = memory
+        self.serial = serial.map(BlockBackend.paddedSerial) ?? backend.serial
     }
 
     /// Executes `chain`; returns the number of bytes written into its device-writable
@@ -116,7 +122,7 @@ public struct BlockRequestHandler: Sendable {
         case BlockRequestType.getID:
             // §5.2.6: up to VIRTIO_BLK_ID_BYTES (20) bytes, NUL-terminated only if shorter.
             let room = min(chain.writableLength - 1, UInt64(BlockBackend.serialLength))
-            backend.serial.withUnsafeBytes { copyIn(chain, from: UnsafeRawBufferPointer(rebasing: $0.prefix(Int(room)))) }
+            serial.withUnsafeBytes { copyIn(chain, from: UnsafeRawBufferPointer(rebasing: $0.prefix(Int(room)))) }
             return finish(BlockStatus.ok, dataWritten: room)
         case BlockRequestType.discard, BlockRequestType.writeZeroes:
             return finish(discardOrZero(chain, zero: type == BlockRequestType.writeZeroes))

@@ -48,12 +48,13 @@ public final class VirtioBlockDevice: VirtioDevice {
     /// Requests completed since start (for tests and statistics).
     public var completedRequests: UInt64 { state.withLock { $0.requests.completed } }
 
-    public init(backend: BlockBackend, memory: GuestMemory, loop: EventLoop, iops: UInt64 = 0) {
+    /// `serial` overrides the backend's for GET_ID (a hot-plugged device's own `serial`).
+    public init(backend: BlockBackend, memory: GuestMemory, loop: EventLoop, iops: UInt64 = 0, serial: String? = nil) {
         self.backend = backend
         self.memory = memory
         self.loop = loop
         self.iops = iops
-        handler = BlockRequestHandler(backend: backend, memory: memory)
+        handler = BlockRequestHandler(backend: backend, memory: memory, serial: serial)
         state = Mutex(State(requests: BlockChainHandler(requests: handler)))
         var features = Feature.segMax | Feature.blockSize | Feature.flush
         features |= backend.readOnly ? Feature.readOnly : Feature.discard | Feature.writeZeroes

@@ -135,6 +135,8 @@ public final class VirtioMMIOTransport: Sendable {
     let notifyFDs: [Int32]
     let offeredFeatures: UInt64
     private let registers: Mutex<Registers>
+    /// Whether the irqfd and ioeventfds are still registered with KVM (until ``detach()``).
+    private let wired = Atomic<Bool>(true)
 
     /// `vm == nil` (unit tests) wires nothing into KVM: QueueNotify writes reach the queue's
     /// eventfd through ``write(offset:length:value:)`` and interrupts only count.
@@ -178,16 +180,30 @@ public final class VirtioMMIOTransport: Sendable {
 
     deinit {
         device.reset()
-        if let vm {
-            for (index, fd) in notifyFDs.enumerated() {
-                try? vm.unregisterIOEventFD(
-                    fd, space: .mmio, address: slot.base + Virtio.MMIORegister.queueNotify, length: 4,
-                    datamatch: UInt64(index))
-            }
-            try? vm.unregisterIRQFD(interrupt.eventFD, gsi: slot.irq)
-        }
+        unwire()
         for fd in notifyFDs { Syscall.close(fd) }
         Syscall.close(interrupt.eventFD)
+    }
+
+    /// Unplug: resets the device (when this returns it no longer touches guest memory) and
+    /// takes the slot's irqfd and ioeventfds out of KVM, so that another transport can be
+    /// wired into the same slot. Call once no vCPU can reach this transport any more.
+    public func detach() {
+        registers.withLock { r in
+            if r.active { device.reset() }
+            r = Registers(queues: device.queueMaxSizes.map { QueueRegisters(size: $0) })
+        }
+        interrupt.reset()
+        unwire()
+    }
+
+    private func unwire() {
+        guard wired.exchange(false, ordering: .acquiringAndReleasing), let vm else { return }
+        for (index, fd) in notifyFDs.enumerated() {
+            try? vm.unregisterIOEventFD(
+                fd, space: .mmio, address: slot.base + Virtio.MMIORegister.queueNotify, length: 4, datamatch: UInt64(index))
+        }
+        try? vm.unregisterIRQFD(interrupt.eventFD, gsi: slot.irq)
     }
 
     /// Bumps ConfigGeneration and tells the driver the configuration changed (§2.5.1,
