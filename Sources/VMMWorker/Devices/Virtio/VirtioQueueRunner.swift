@@ -36,7 +36,17 @@ struct VirtioQueueRunner: Sendable {
         case blocked
         /// The ring is unusable: the device is marked DEVICE_NEEDS_RESET (§2.1.2).
         case broken
+        /// ``chainsPerBatch`` chains were taken and more may wait: the rest is left in the ring
+        /// and `process` runs again from a fresh loop task, after the loop's other ready work.
+        case yielded
     }
+
+    /// The most chains one batch takes. A driver can make a buffer available again as soon as
+    /// it is used (and with EVENT_IDX it need not kick while the device works), so without a
+    /// bound a guest that keeps the ring full would keep this loop — and the QMP monitor, the
+    /// signal handling and every other device on it — in one batch for ever. A full ring's
+    /// worth of the largest queue (256) keeps batching for every real workload.
+    static let chainsPerBatch = 256
 
     var queue: SplitVirtqueue
     let interrupt: VirtioInterrupt
@@ -76,8 +86,8 @@ struct VirtioQueueRunner: Sendable {
     }
 
     /// One batch: chains until the ring is empty, the bucket runs dry (a one-shot timer
-    /// resumes), the handler blocks, or the queue breaks; then one interrupt if the driver
-    /// wants one (§2.7.10).
+    /// resumes), the handler blocks, ``chainsPerBatch`` chains were taken (a loop task
+    /// resumes), or the queue breaks; then one interrupt if the driver wants one (§2.7.10).
     @inline(__always)
     mutating func run<Handler: VirtioChainHandler>(_ handler: inout Handler, loop: EventLoop) -> Outcome {
         guard !broken else { return .broken }
@@ -92,8 +102,14 @@ struct VirtioQueueRunner: Sendable {
             interrupt.markNeedsReset()
             return .broken
         }
+        var taken = 0
         while true {
             while true {
+                if taken == Self.chainsPerBatch {
+                    // No rearm: the driver need not kick for what waits, the task comes back.
+                    loop.execute(process)
+                    return .yielded
+                }
                 if var refilled = bucket {
                     let wait = handler.throttle(&refilled)
                     bucket = refilled
@@ -101,7 +117,9 @@ struct VirtioQueueRunner: Sendable {
                 }
                 do {
                     guard try queue.next(into: &chain) else { break }
+                    taken += 1
                 } catch {
+                    taken += 1
                     guard case .chain(let head) = error.kind else { return fail() }
                     // A malformed chain fails on its own: returned unused, nothing written.
                     do { try queue.complete(head: head, written: 0) } catch { return fail() }
