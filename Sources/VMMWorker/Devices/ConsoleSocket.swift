@@ -65,9 +65,14 @@ public final class ConsoleSocket: ConsolePort {
         var outputBlocked = false
         var closed = false
 
+        /// Keeps the newest ``ConsoleSocket/historyCapacity`` bytes. Only that much of `bytes`
+        /// is ever copied, and room is made before appending: a virtio-console transmit buffer
+        /// can be as large as guest RAM, and an array keeps the capacity it once grew to.
         mutating func remember(_ bytes: some Collection<UInt8>) {
-            history.append(contentsOf: bytes)
-            if history.count > ConsoleSocket.historyCapacity { history.removeFirst(history.count - ConsoleSocket.historyCapacity) }
+            let kept = bytes.suffix(ConsoleSocket.historyCapacity)
+            let excess = history.count + kept.count - ConsoleSocket.historyCapacity
+            if excess > 0 { history.removeFirst(min(excess, history.count)) }
+            history.append(contentsOf: kept)
         }
 
         /// The epoll events the client's registration waits for: no reading (and no
@@ -87,6 +92,10 @@ public final class ConsoleSocket: ConsolePort {
     private let outputReadFD: Int32?
     private let outputWriteFD: Int32?
     private let state = Mutex(State())
+
+    /// Bytes of memory the socket holds for replay, the client's backlog and input (their
+    /// arrays' capacities): bounded by the capacities above, whatever the guest writes.
+    var retainedBytes: Int { state.withLock { $0.history.capacity + $0.backlog.capacity + $0.input.capacity } }
 
     /// The descriptor the UART writes guest output to (nil for a virtio-console port).
     public var guestOutput: FileDescriptor? { outputWriteFD.map { FileDescriptor(rawValue: $0) } }
