@@ -145,11 +145,21 @@ public final class VirtioBalloonDevice: VirtioDevice {
     }
 
     func processInflate() {
-        state.withLock { state in _ = state.inflate?.run(&state.inflater, loop: loop) }
+        let outcome = state.withLock { state in
+            state.inflater.budget = BalloonPageHandler.pfnsPerBatch
+            return state.inflate?.run(&state.inflater, loop: loop)
+        }
+        // Out of budget (the only reason this handler declines): the rest waits in the ring
+        // for a fresh loop task, after the loop's other work; no kick is owed for it.
+        if outcome == .blocked { loop.execute { [weak self] in self?.processInflate() } }
     }
 
     func processDeflate() {
-        state.withLock { state in _ = state.deflate?.run(&state.deflater, loop: loop) }
+        let outcome = state.withLock { state in
+            state.deflater.budget = BalloonPageHandler.pfnsPerBatch
+            return state.deflate?.run(&state.deflater, loop: loop)
+        }
+        if outcome == .blocked { loop.execute { [weak self] in self?.processDeflate() } }
     }
 }
 
@@ -164,14 +174,36 @@ struct BalloonPageHandler: VirtioChainHandler {
     var refused: UInt64 = 0
     /// Failed discards (which only mean the host keeps the memory).
     var failures: UInt64 = 0
+    /// PFNs this batch may still read (the device sets it before each batch; unlimited for a
+    /// handler used on its own). A request begins only while some are left.
+    var budget = Int.max
+
+    /// The most PFNs one request is read for. §5.5.6 bounds no request, but a chain of Queue
+    /// Size buffers each as large as guest RAM would be billions of PFNs — and as many
+    /// madvise calls, on the loop the balloon shares with QMP, while a vCPU resetting the
+    /// device waits for the lock. Drivers send far fewer (Linux 256 a request, FreeBSD 256,
+    /// Windows a page of PFNs); the rest of a longer request is ignored and counted refused:
+    /// the driver believes those pages given, the host only keeps their memory.
+    static let maxPFNsPerRequest = 4096
+    /// PFNs one batch reads before it leaves the rest to a new loop task (at most this plus one
+    /// request: a few milliseconds even when each page needs its own madvise).
+    static let pfnsPerBatch = 16384
 
     mutating func handle(_ chain: DescriptorChain, bucket: inout TokenBucket?) -> UInt32? {
+        guard budget > 0 else { return nil }
+        // Whole PFNs only (odd trailing bytes are ignored), at most maxPFNsPerRequest of them.
+        let total = chain.readableLength / 4
+        let read = min(total, UInt64(Self.maxPFNsPerRequest))
+        var left = Int(read) * 4
         var collector = BalloonPageRuns(memory: memory)
         var carry: UInt32 = 0
         var carried = 0
-        for segment in chain.readable {
-            // The walk checked the segment and kept its place in the host mapping.
-            let bytes = UnsafeRawBufferPointer(start: memory.base + segment.hostOffset, count: Int(segment.length))
+        for segment in chain.readable where left > 0 {
+            // The walk checked the segment and kept its place in the host mapping; only its
+            // first `left` bytes are read.
+            let count = min(Int(segment.length), left)
+            left -= count
+            let bytes = UnsafeRawBufferPointer(start: memory.base + segment.hostOffset, count: count)
             var index = 0
             // A PFN may straddle two buffers: finish the one begun in the previous buffer.
             while carried > 0 && carried < 4 && index < bytes.count {
@@ -195,6 +227,8 @@ struct BalloonPageHandler: VirtioChainHandler {
             }
         }
         collector.finish(into: &self)
+        refused &+= total - read
+        budget -= Int(read)
         // §5.5.6: the device writes nothing back.
         return 0
     }
