@@ -1,5 +1,6 @@
 import Glibc
 import Protocol
+import Synchronization
 import Testing
 
 @testable import VMMWorker
@@ -58,5 +59,30 @@ struct VirtioBalloonBoundsTests {
         #expect(try inflate.usedIndex() == 8)
         #expect(device.statistics.inflated == UInt64(8 * per))
         t.write(offset: Virtio.MMIORegister.status, length: 4, value: 0)
+    }
+
+    /// Every change of `actual` became a BALLOON_CHANGE event on every QMP client (whose
+    /// output is buffered without bound for a client that does not read): QEMU rate-limits
+    /// this event to one a second, keeping the newest value for the end of the second.
+    @Test("a driver rewriting actual in a loop is observed once, then with its last value once the interval ends")
+    func actualChangesAreRateLimited() throws {
+        let memory = try guestMemory()
+        let loop = try EventLoop(name: "balloon-bounds-test")
+        let device = VirtioBalloonDevice(balloon: BalloonConfig(deflateOnOOM: false), memory: memory, loop: loop)
+        let seen = Mutex<[UInt32]>([])
+        device.observeActual { actual in seen.withLock { $0.append(actual) } }
+        let t = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 6), device: device, memory: memory, vm: nil)
+        for actual in UInt64(1)...1000 { t.write(offset: Virtio.MMIORegister.config + 4, length: 4, value: actual) }
+        #expect(seen.withLock { $0.count } == 1)
+        #expect(seen.withLock { $0.first } == 1)
+        #expect(device.actualPages == 1000)
+
+        // The interval's end delivers the newest value (from the loop), and nothing else.
+        let thread = try loop.startThread()
+        for _ in 0..<600 where seen.withLock({ $0.count }) < 2 { usleep(50_000) }
+        loop.stop()
+        pthread_join(thread, nil)
+        #expect(seen.withLock { $0.count } == 2)
+        #expect(seen.withLock { $0.last } == 1000)
     }
 }

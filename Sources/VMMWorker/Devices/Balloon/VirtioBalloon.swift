@@ -47,7 +47,17 @@ public final class VirtioBalloonDevice: VirtioDevice {
         var numPages: UInt32 = 0
         var actual: UInt32 = 0
         var observer: (@Sendable (UInt32) -> Void)?
+        /// A change was observed less than ``changeInterval`` ago: later ones wait for the
+        /// timer, which observes the newest `actual` if it moved meanwhile.
+        var changeTimerArmed = false
+        var changeHeld = false
     }
+
+    /// The observer (QMP's BALLOON_CHANGE) hears of `actual` at most once per this interval,
+    /// the newest value at its end, as QEMU rate-limits BALLOON_CHANGE to one a second: every
+    /// driver write would otherwise become an event for every QMP client, and a guest writing
+    /// `actual` in a loop would flood them (and the output kept for a client that does not read).
+    static let changeInterval: UInt64 = 1_000_000_000
 
     private let state: Mutex<State>
 
@@ -77,7 +87,8 @@ public final class VirtioBalloonDevice: VirtioDevice {
         }
     }
 
-    /// `observer` runs with the new `actual` whenever the driver changes it (any thread).
+    /// `observer` runs with the new `actual` when the driver changes it (any thread), at most
+    /// once per ``changeInterval``: changes within one are told, newest only, at its end.
     public func observeActual(_ observer: @escaping @Sendable (UInt32) -> Void) {
         state.withLock { $0.observer = observer }
     }
@@ -94,19 +105,60 @@ public final class VirtioBalloonDevice: VirtioDevice {
     /// the bytes it covers.
     public func writeConfig(offset: UInt64, length: Int, value: UInt64) {
         guard offset < 8, length > 0, length <= 8 else { return }
-        var changed: (UInt32, @Sendable (UInt32) -> Void)?
-        state.withLock { state in
+        let changed = state.withLock { state -> Bool in
             var config = UInt64(state.numPages) | UInt64(state.actual) << 32
             for i in 0..<UInt64(length) where offset + i >= 4 && offset + i < 8 {
                 let shift = 8 * (offset + i)
                 config = (config & ~(0xff << shift)) | (((value >> (8 * i)) & 0xff) << shift)
             }
             let actual = UInt32(truncatingIfNeeded: config >> 32)
-            guard actual != state.actual else { return }
+            guard actual != state.actual else { return false }
             state.actual = actual
-            if let observer = state.observer { changed = (actual, observer) }
+            return true
         }
-        if let (actual, observer) = changed { observer(actual) }
+        if changed { actualChanged() }
+    }
+
+    /// `actual` changed: the observer hears of it now, or — within ``changeInterval`` of the
+    /// last time it heard — when the interval ends. Any thread; the observer runs unlocked.
+    private func actualChanged() {
+        let now = state.withLock { state -> (UInt32, @Sendable (UInt32) -> Void)? in
+            guard let observer = state.observer else { return nil }
+            if state.changeTimerArmed {
+                state.changeHeld = true
+                return nil
+            }
+            state.changeTimerArmed = true
+            return (state.actual, observer)
+        }
+        guard let (actual, observer) = now else { return }
+        observer(actual)
+        armChangeTimer()
+    }
+
+    private func armChangeTimer() {
+        do {
+            try loop.schedule(afterNanoseconds: Self.changeInterval) { [weak self] in self?.changeIntervalEnded() }
+        } catch {
+            // No timer (descriptors exhausted): no rate limit rather than no more events.
+            state.withLock { $0.changeTimerArmed = false }
+        }
+    }
+
+    /// On the loop thread: the newest `actual` if it changed during the interval (and a new
+    /// interval begins), else the limit is lifted.
+    private func changeIntervalEnded() {
+        let held = state.withLock { state -> (UInt32, @Sendable (UInt32) -> Void)? in
+            guard state.changeHeld, let observer = state.observer else {
+                state.changeTimerArmed = false
+                return nil
+            }
+            state.changeHeld = false
+            return (state.actual, observer)
+        }
+        guard let (actual, observer) = held else { return }
+        observer(actual)
+        armChangeTimer()
     }
 
     public func activate(_ activation: VirtioActivation) throws {
@@ -130,18 +182,16 @@ public final class VirtioBalloonDevice: VirtioDevice {
     /// The driver is gone: what it held in the balloon is the next driver's to use, so
     /// `actual` returns to 0; the host's target stays.
     public func reset() {
-        var changed: (@Sendable (UInt32) -> Void)?
-        state.withLock { state in
+        let changed = state.withLock { state -> Bool in
             state.inflate?.stop(loop: loop)
             state.deflate?.stop(loop: loop)
             state.inflate = nil
             state.deflate = nil
-            if state.actual != 0 {
-                state.actual = 0
-                changed = state.observer
-            }
+            guard state.actual != 0 else { return false }
+            state.actual = 0
+            return true
         }
-        changed?(0)
+        if changed { actualChanged() }
     }
 
     func processInflate() {
