@@ -378,6 +378,10 @@ public final class VirtioMMIOTransport: Sendable {
                 try device.activate(VirtioActivation(features: features, queues: queues, notifyFDs: notifyFDs, interrupt: interrupt))
                 r.active = true
             } catch {
+                // It may have started part of its work (a queue's watch registered before the
+                // next one failed): stop it now. The driver's later reset does not reach a device
+                // that never went active, and a second activation would run beside the first.
+                device.reset()
                 interrupt.markNeedsReset()
             }
         }
