@@ -3,13 +3,10 @@ import Glibc
 import Protocol
 import Supervisor
 
-/// Options every subcommand shares.
-struct ConnectionOptions: ParsableArguments {
+/// How to reach flotillad: every subcommand takes these.
+struct ControlSocketOptions: ParsableArguments {
     @Option(help: "flotillad's control socket (default: $FLOTILLAD_SOCKET or /run/flotillad/control.sock).")
     var socket: String?
-
-    @Flag(help: "Print flotillad's reply as JSON instead of a table.")
-    var json = false
 
     var socketPath: String {
         if let socket { return socket }
@@ -17,6 +14,7 @@ struct ConnectionOptions: ParsableArguments {
         return "/run/flotillad/control.sock"
     }
 
+    /// Runs a control command; flotillad's error (or failing to reach it) is printed and exits 1.
     func execute(_ name: String, _ arguments: JSONObject = JSONObject()) throws -> JSONValue {
         do {
             let client = try ControlClient(socketPath: socketPath)
@@ -25,6 +23,18 @@ struct ConnectionOptions: ParsableArguments {
             printError("flotillactl: \(error.description)")
             throw ExitCode(1)
         }
+    }
+}
+
+/// Options the fleet subcommands share: the control socket and --json.
+struct ConnectionOptions: ParsableArguments {
+    @OptionGroup var control: ControlSocketOptions
+
+    @Flag(help: "Print flotillad's reply as JSON instead of a table.")
+    var json = false
+
+    func execute(_ name: String, _ arguments: JSONObject = JSONObject()) throws -> JSONValue {
+        try control.execute(name, arguments)
     }
 }
 
@@ -98,7 +108,10 @@ enum Render {
 struct Flotillactl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "flotillactl", abstract: "Controls flotillad, the Flotilla fleet supervisor.",
-        subcommands: [List.self, Status.self, Create.self, Start.self, Stop.self, Restart.self, Delete.self, Console.self])
+        subcommands: [
+            List.self, Status.self, Create.self, Start.self, Stop.self, Restart.self, Delete.self, Console.self,
+            QMPCommand.self, Events.self, Pause.self, Resume.self,
+        ])
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Lists the fleet: every VM with its state.")
