@@ -125,10 +125,11 @@ struct Events: ParsableCommand {
 
     @OptionGroup var control: ControlSocketOptions
     @Argument(help: "The VM's name.") var name: String
-    @Option(help: "Exit 0 after N events.") var count: Int?
+    @Option(help: ArgumentHelp("Exit 0 after N events.", valueName: "n")) var count: Int?
     @Option(help: ArgumentHelp("Exit 0 after the first EVENT event, as QMP spells it (e.g. SHUTDOWN).", valueName: "event"))
     var until: String?
-    @Option(help: "Give up after SECONDS (exit 1 if --count or --until is still unsatisfied, else 0).") var timeout: Double?
+    @Option(help: ArgumentHelp("Give up after SECONDS (exit 1 if --count or --until is still unsatisfied, else 0).", valueName: "seconds"))
+    var timeout: Double?
 
     func validate() throws {
         if let count, count < 1 { throw ValidationError("--count '\(count)': allowed: a whole number of at least 1") }
