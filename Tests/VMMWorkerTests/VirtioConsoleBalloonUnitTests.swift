@@ -290,7 +290,7 @@ struct VirtioBalloonUnitTests {
         #expect(try memory.read(UInt64.self, at: 0xbffff * Self.pageSize) == 0)
     }
 
-    @Test("a huge request of bad PFNs is refused page by page, and the odd trailing bytes are ignored")
+    @Test("a huge request of bad PFNs is refused and counted in full, and the odd trailing bytes are ignored")
     func hugeCount() throws {
         let memory = try GuestMemory(size: 16 << 20)
         var handler = BalloonPageHandler(memory: memory, inflate: true)
