@@ -126,6 +126,9 @@ struct VMMBootTests {
         let client = try QMPTestClient(path: socket)
         try client.handshake()
         #expect(try client.execute("query-status")["return"] == ["status": "running", "singlestep": false, "running": true])
+        // Commands without arguments refuse any, as QEMU's do.
+        let refused = try client.execute("query-status", arguments: ["verbose": true])
+        #expect(refused["error"]?.objectValue?["desc"] == "Parameter 'verbose' is unexpected", "\(refused)")
         // As in QEMU, the STOP event comes before stop's reply.
         try client.send(QMP.Command(name: "stop", id: "s"))
         #expect(try client.receive()["event"] == "STOP")
@@ -145,6 +148,11 @@ struct VMMBootTests {
         #expect(try client.execute("quit")["return"] == [:])
         let shutdown = try client.waitForEvent("SHUTDOWN")
         #expect(shutdown["data"] == ["guest": false, "reason": "host-qmp-quit"])
+        // SHUTDOWN is the last word, said once: whatever else arrives until the VMM closes the
+        // connection is not another one.
+        var after: [JSONObject] = []
+        while let message = try? client.receive() { after.append(message) }
+        #expect(!after.contains { $0["event"] == "SHUTDOWN" }, "\(after)")
         #expect(process.wait() == 0)
         #expect(access(socket, F_OK) != 0, "the api-channel socket was left behind")
     }

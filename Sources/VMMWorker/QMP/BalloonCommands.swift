@@ -37,10 +37,7 @@ enum BalloonCommands {
             vm.setBalloonTarget(pages: targetPages(ram: ramBytes, value: UInt64(target)))
             return .success([:])
         }
-        table.register("query-balloon") { arguments in
-            for key in arguments.keys.sorted() {
-                return .failure(QMPCommandError(.genericError, "Parameter '\(key)' is unexpected"))
-            }
+        table.registerWithoutArguments("query-balloon") {
             guard let balloon = vm.balloon else { return .failure(notActive) }
             return .success(["actual": .integer(guestBytes(ram: ramBytes, actual: balloon.device.actualPages))])
         }

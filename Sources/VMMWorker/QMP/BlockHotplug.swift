@@ -277,21 +277,7 @@ enum HotplugCommands {
             }
             return .success([:])
         }
-        table.register("query-block") { arguments in
-            do throws(QMPArgumentError) {
-                try QMPArguments.none(arguments)
-            } catch {
-                return Self.failure(error)
-            }
-            return .success(hotplug.queryBlock())
-        }
-        table.register("query-named-block-nodes") { arguments in
-            do throws(QMPArgumentError) {
-                try QMPArguments.none(arguments)
-            } catch {
-                return Self.failure(error)
-            }
-            return .success(hotplug.queryNamedBlockNodes())
-        }
+        table.registerWithoutArguments("query-block") { .success(hotplug.queryBlock()) }
+        table.registerWithoutArguments("query-named-block-nodes") { .success(hotplug.queryNamedBlockNodes()) }
     }
 }

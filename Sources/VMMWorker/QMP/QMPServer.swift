@@ -30,6 +30,21 @@ public struct QMPCommandTable: Sendable {
         if let afterReply { self.afterReply[name] = afterReply }
     }
 
+    /// Registers a command that takes no arguments: any member of `arguments` is refused as
+    /// QEMU refuses it ("Parameter 'x' is unexpected").
+    public mutating func registerWithoutArguments(
+        _ name: String, afterReply: (@Sendable () -> Void)? = nil, _ handler: @escaping @Sendable () -> Result<JSONValue, QMPCommandError>
+    ) {
+        register(name, afterReply: afterReply) { arguments in
+            do throws(QMPArgumentError) {
+                try QMPArguments.none(arguments)
+            } catch {
+                return .failure(QMPCommandError(.genericError, error.description))
+            }
+            return handler()
+        }
+    }
+
     public var names: [String] { handlers.keys.sorted() }
 }
 

@@ -21,24 +21,10 @@ enum QueryCommands {
 
     static func register(in table: inout QMPCommandTable, vm: MicroVM, config: VMConfig, iothreads: [String: EventLoop]) {
         func constant(_ name: String, _ value: JSONValue) {
-            table.register(name) { arguments in
-                do throws(QMPArgumentError) {
-                    try QMPArguments.none(arguments)
-                } catch {
-                    return .failure(QMPCommandError(.genericError, error.description))
-                }
-                return .success(value)
-            }
+            table.registerWithoutArguments(name) { .success(value) }
         }
         func query(_ name: String, _ answer: @escaping @Sendable () -> JSONValue) {
-            table.register(name) { arguments in
-                do throws(QMPArgumentError) {
-                    try QMPArguments.none(arguments)
-                } catch {
-                    return .failure(QMPCommandError(.genericError, error.description))
-                }
-                return .success(answer())
-            }
+            table.registerWithoutArguments(name) { .success(answer()) }
         }
 
         constant("query-target", ["arch": "x86_64"])

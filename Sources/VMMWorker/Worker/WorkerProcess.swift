@@ -225,6 +225,11 @@ private final class Worker: Sendable {
                 }
             }
             try loop.register(fd: vm.exitEventFD.rawValue, events: EPOLLIN.rawValue) { [self] _ in
+                // The eventfd is written once, when the VM has ended; reading it is what stops
+                // epoll (level-triggered) from reporting it again, and SHUTDOWN going out again.
+                var count: UInt64 = 0
+                guard withUnsafeMutableBytes(of: &count, { Glibc.read(vm.exitEventFD.rawValue, $0.baseAddress, $0.count) }) == 8
+                else { return }
                 let reason = vm.exitReason ?? .requested
                 qmp?.broadcast(event: "SHUTDOWN", data: shutdownEventData(reason))
                 finished.withLock { $0 = true }
@@ -300,12 +305,12 @@ private final class Worker: Sendable {
     func commands(vm: MicroVM, events: QMPEventSink, mainLoop: EventLoop, iothreads: [String: EventLoop]) -> QMPCommandTable {
         var table = QMPCommandTable()
         let name = config.name
-        table.register("query-status") { _ in
+        table.registerWithoutArguments("query-status") {
             let state = vm.guestState
             return .success(["status": .string(state.rawValue), "singlestep": false, "running": .bool(state == .running)])
         }
         // QEMU emits STOP/RESUME only on a real change of state.
-        table.register("stop") { _ in
+        table.registerWithoutArguments("stop") {
             guard vm.guestState == .running else { return .success([:]) }
             do {
                 try vm.pause()
@@ -315,7 +320,7 @@ private final class Worker: Sendable {
             events.emit("STOP")
             return .success([:])
         }
-        table.register("cont") { _ in
+        table.registerWithoutArguments("cont") {
             guard vm.guestState == .paused else { return .success([:]) }
             do {
                 try vm.resume()
@@ -325,20 +330,20 @@ private final class Worker: Sendable {
             events.emit("RESUME")
             return .success([:])
         }
-        table.register(
+        table.registerWithoutArguments(
             "quit",
             afterReply: { [self] in
                 hostShutdownReason.withLock { $0 = $0 ?? "host-qmp-quit" }
                 vm.requestShutdown()
             }
-        ) { _ in .success([:]) }
-        table.register("query-version") { _ in
+        ) { .success([:]) }
+        table.registerWithoutArguments("query-version") {
             .success([
                 "qemu": ["major": 0, "minor": 1, "micro": 0],
                 "package": .string("flotilla-vmm \(StratoVirtCommandLine.version)"),
             ])
         }
-        table.register("query-name") { _ in
+        table.registerWithoutArguments("query-name") {
             .success(name.map { ["name": .string($0)] } ?? [:])
         }
         BalloonCommands.register(in: &table, vm: vm, ramBytes: config.machine.memoryBytes)
