@@ -13,6 +13,7 @@ bool virtio_console_probe(struct virtio_mmio_dev *dev);
 bool virtio_balloon_probe(struct virtio_mmio_dev *dev);
 void virtio_blk_remove(struct virtio_mmio_dev *dev);
 bool virtio_net_probe(struct virtio_mmio_dev *dev);
+bool virtio_net_probe_hotplug(struct virtio_mmio_dev *dev);
 
 /* The kernel command line, for drivers' own parameters. */
 const char *virtio_cmdline = "";
@@ -104,10 +105,11 @@ static const struct virtio_driver *find_driver(u32 device_id)
 
 /*
  * flotilla.rescan=1 (with flotilla.hold=1): the hold loop re-reads DeviceID of every slot
- * that was empty or a disk at boot, every RESCAN_POLLS polls (~100 ms). A slot that turns
- * into a virtio-blk device gets the virtio-blk driver (its usual fact and check lines); a
- * device whose DeviceID goes back to 0 was unplugged ("fact device-removed"). Linux does the
- * same only when told to re-probe (docs/guest-abi.md "Hot-plug").
+ * that was empty, a disk or a NIC at boot, every RESCAN_POLLS polls (~100 ms). A slot that
+ * turns into a virtio-blk or virtio-net device gets that driver (its usual fact and check
+ * lines; a NIC also its ARP/ping checks with flotilla.net=); a device whose DeviceID changes
+ * (back to 0) was unplugged ("fact device-removed"). Linux does the same only when told to
+ * re-probe (docs/guest-abi.md "Hot-plug").
  */
 #define RESCAN_POLLS 5
 static bool opt_rescan;
@@ -132,20 +134,25 @@ static void rescan_poll(void)
 		u32 id = vm_read(d, VIRTIO_MMIO_DEVICE_ID);
 		if (id == watched_id[i])
 			continue;
-		if (watched_id[i] == VIRTIO_ID_BLOCK) {
-			virtio_blk_remove(d);
+		if (watched_id[i] == VIRTIO_ID_BLOCK || watched_id[i] == VIRTIO_ID_NET) {
+			if (watched_id[i] == VIRTIO_ID_BLOCK)
+				virtio_blk_remove(d);    /* the net driver holds nothing after its probe */
 			kprintf("flotilla-guest: fact device-removed base=0x%lx irq=%u device_id=%u\n", d->base, d->irq, watched_id[i]);
 		}
 		watched_id[i] = id;
 		d->device_id = id;
-		if (id != VIRTIO_ID_BLOCK)
+		if (id != VIRTIO_ID_BLOCK && id != VIRTIO_ID_NET)
 			continue;
 		d->version = vm_read(d, VIRTIO_MMIO_VERSION);
 		d->vendor_id = vm_read(d, VIRTIO_MMIO_VENDOR_ID);
 		kprintf("flotilla-guest: fact device-added virtio-mmio base=0x%lx irq=%u device_id=%u vendor=0x%x version=%u\n",
 			d->base, d->irq, id, d->vendor_id, d->version);
-		if (d->version == 2)
-			virtio_blk_probe(d);
+		if (d->version == 2) {
+			if (id == VIRTIO_ID_BLOCK)
+				virtio_blk_probe(d);
+			else
+				virtio_net_probe_hotplug(d);
+		}
 	}
 }
 
@@ -194,7 +201,7 @@ void virtio_probe_all(const char *cmdline)
 	if (opt_rescan) {
 		for (u32 i = 0; i < sc->count; i++) {
 			struct virtio_mmio_dev *d = &sc->dev[i];
-			if (d->size >= 0x100 && d->base + 0x100 <= 0x100000000UL && !(d->base & 3) && (d->device_id == 0 || d->device_id == VIRTIO_ID_BLOCK) &&
+			if (d->size >= 0x100 && d->base + 0x100 <= 0x100000000UL && !(d->base & 3) && (d->device_id == 0 || d->device_id == VIRTIO_ID_BLOCK || d->device_id == VIRTIO_ID_NET) &&
 			    vm_read(d, VIRTIO_MMIO_MAGIC_VALUE) == VIRTIO_MMIO_MAGIC) {
 				watched[i] = true;
 				watched_id[i] = d->device_id;

@@ -7,7 +7,8 @@
  * from the config space, post RX buffers, report
  *   fact device virtio-net base=<hex> irq=<n> nic=<i> mac=<mac> link=<0|1>
  *   check net<i> ok|fail ...
- * With flotilla.net=<guest-ip>,<host-ip> the first NIC also sends an ARP
+ * With flotilla.net=<guest-ip>,<host-ip> the first NIC (and every hot-plugged
+ * one, flotilla.rescan=1) also sends an ARP
  * request for host-ip (check net_arp, with the peer's MAC from the reply) and
  * then an ICMP echo request carrying a fixed pattern (check net_ping: the reply
  * must carry it back). Frames that are not the expected reply are recycled.
@@ -47,6 +48,7 @@ static u8 rxbuf[QSIZE][RXBUF] __attribute__((aligned(64)));
 static u8 txbuf[HDR + 128] __attribute__((aligned(64)));
 static u16 rx_seen;
 static u32 nics;
+static bool hotplugged;    /* the probe in progress is for a NIC plugged after boot */
 
 struct net_opts { bool set; u8 guest[4], host[4]; };
 
@@ -316,8 +318,18 @@ bool virtio_net_probe(struct virtio_mmio_dev *d)
 	check(name, ok, "mac=%s features=0x%lx link=%u", mac_text, features, status & 1);
 	struct net_opts o = { 0 };
 	parse_params(virtio_cmdline, net_param, &o);
-	if (nic == 0 && o.set && ok)
+	if ((nic == 0 || hotplugged) && o.set && ok)
 		net_traffic(d, mac, &o);
 	vm_write(d, VIRTIO_MMIO_STATUS, 0);     /* reset: the device stops using the queues */
+	return ok;
+}
+
+/* A NIC that appeared after boot (flotilla.rescan=1): probed like the others, and it also runs
+ * the ARP/ping checks when flotilla.net= is given. */
+bool virtio_net_probe_hotplug(struct virtio_mmio_dev *d)
+{
+	hotplugged = true;
+	bool ok = virtio_net_probe(d);
+	hotplugged = false;
 	return ok;
 }

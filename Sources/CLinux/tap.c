@@ -6,6 +6,7 @@
 #include <linux/if_tun.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 int fl_tap_open(const char *name, int vnet_header_size, unsigned int offloads, const char **step) {
@@ -33,4 +34,25 @@ fail:;
     close(fd);
     errno = saved;
     return -1;
+}
+
+int fl_if_query_socket(void) { return socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0); }
+
+unsigned int fl_if_index(int sock, const char *name) {
+    if (strlen(name) >= IFNAMSIZ) {
+        errno = ENAMETOOLONG;
+        return 0;
+    }
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    strncpy(request.ifr_name, name, IFNAMSIZ - 1);
+    if (ioctl(sock, SIOCGIFINDEX, &request) < 0) return 0;
+    return (unsigned int)request.ifr_ifindex;
+}
+
+void fl_tap_hotplug_requests(unsigned long out[4]) {
+    out[0] = SIOCGIFINDEX;
+    out[1] = TUNSETIFF;
+    out[2] = TUNSETVNETHDRSZ;
+    out[3] = TUNSETOFFLOAD;
 }

@@ -16,7 +16,8 @@ struct QMPQueryTests {
         "query-version", "query-name", "balloon", "query-balloon", "query-target", "query-kvm", "query-machines",
         "query-events", "query-migrate", "query-migrate-capabilities", "query-tpm-models", "query-tpm-types",
         "query-block-jobs", "query-cpus", "query-cpus-fast", "query-hotpluggable-cpus", "query-iothreads", "query-chardev",
-        "query-block", "query-named-block-nodes", "blockdev-add", "blockdev-del", "device_add", "device_del",
+        "query-block", "query-named-block-nodes", "blockdev-add", "blockdev-del", "device_add", "device_del", "netdev_add",
+        "netdev_del",
     ]
 
     static func threadName(pid: pid_t, tid: Int64) -> String? {

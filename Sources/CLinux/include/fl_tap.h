@@ -8,4 +8,16 @@
  * close-on-exec. Returns the descriptor, or -1 with errno set and *step naming the call that
  * failed ("open /dev/net/tun", "TUNSETIFF", ...). */
 int fl_tap_open(const char *name, int vnet_header_size, unsigned int offloads, const char **step);
+
+/* A datagram socket for interface look-ups (SIOCGIFINDEX), in the caller's network namespace,
+ * close-on-exec; -1 with errno set on failure. Created before the seccomp filter goes on, so
+ * that QMP netdev_add can look a tap up afterwards without socket(2). */
+int fl_if_query_socket(void);
+
+/* The index of interface `name` (SIOCGIFINDEX on `sock`), or 0 when there is none (errno set). */
+unsigned int fl_if_index(int sock, const char *name);
+
+/* The ioctl requests QMP NIC hot-plug makes after start-up, for the seccomp filter:
+ * [SIOCGIFINDEX, TUNSETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD]. */
+void fl_tap_hotplug_requests(unsigned long out[4]);
 #endif

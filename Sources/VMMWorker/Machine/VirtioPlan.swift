@@ -89,12 +89,17 @@ public enum VirtioPlan {
     /// VMM, as creating one would leave an interface behind or need privileges it drops).
     public static func missingTap(in config: VMConfig) -> ConfigError? {
         for net in config.nets where if_nametoindex(net.hostDeviceName) == 0 {
-            return ConfigError(
-                field: "-netdev netdev / net.host_dev_name", value: net.hostDeviceName,
-                problem: "no network interface of that name (NIC '\(net.id)')",
-                allowed: "an existing tap device, e.g. created with 'ip tuntap add NAME mode tap'")
+            return missingTapError(id: net.id, tap: net.hostDeviceName)
         }
         return nil
+    }
+
+    /// The error for NIC `id`'s tap `tap` that does not exist: at start-up, and for QMP
+    /// netdev_add (the same words, so a tool recognises it either way).
+    public static func missingTapError(id: String, tap: String) -> ConfigError {
+        ConfigError(
+            field: "-netdev netdev / net.host_dev_name", value: tap, problem: "no network interface of that name (NIC '\(id)')",
+            allowed: "an existing tap device, e.g. created with 'ip tuntap add NAME mode tap'")
     }
 
     /// One spec per configured device; each runs on its `iothread` loop, else on `mainLoop`.

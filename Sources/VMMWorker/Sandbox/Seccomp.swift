@@ -37,6 +37,7 @@ enum Seccomp {
     /// This is StratoVirt's trade too (its MicroVm whitelist has openat for hot-plug): whoever
     /// holds the api-channel already controls the VM; a guest gains open() only with code
     /// execution in the VMM.
+    /// NIC hot-plug opens /dev/net/tun with the same openat.
     static let hotplugSystemCalls = ["openat", "flock", "eventfd2"]
 
     /// ioctl requests in use after start-up: running vCPUs and raising IRQs, reading vCPU
@@ -49,12 +50,22 @@ enum Seccomp {
         ].map { UInt64($0) }
     }
 
-    /// Installs the filter on every thread; `hotplug` adds ``hotplugSystemCalls``. `logOnly` (FLOTILLA_SECCOMP_LOG=1) allows and
+    /// What QMP NIC hot-plug adds to the ioctl requests, only with an api-channel: netdev_add
+    /// and device_add look the tap up (SIOCGIFINDEX, on a socket made before the filter; no
+    /// socket(2) is allowed), and device_add attaches to it as -netdev does (TUNSETIFF,
+    /// TUNSETVNETHDRSZ, TUNSETOFFLOAD on the /dev/net/tun descriptor it opens).
+    static var hotplugIoctls: [UInt64] {
+        var requests: [UInt] = [0, 0, 0, 0]
+        requests.withUnsafeMutableBufferPointer { fl_tap_hotplug_requests($0.baseAddress) }
+        return requests.map { UInt64($0) }
+    }
+
+    /// Installs the filter on every thread; `hotplug` adds ``hotplugSystemCalls`` and ``hotplugIoctls``. `logOnly` (FLOTILLA_SECCOMP_LOG=1) allows and
     /// audit-logs violations instead, to find a missing entry.
     static func install(logOnly: Bool, hotplug: Bool) throws(SyscallError) {
         let names = (allowedSystemCalls + (hotplug ? hotplugSystemCalls : [])).map { strdup($0) }
         defer { for name in names { free(name) } }
-        let ioctls = allowedIoctls
+        let ioctls = allowedIoctls + (hotplug ? hotplugIoctls : [])
         var failedName: UnsafePointer<CChar>?
         let result = names.map { UnsafePointer($0) }.withUnsafeBufferPointer { namesBuffer in
             ioctls.withUnsafeBufferPointer { ioctlBuffer in

@@ -255,6 +255,15 @@ private final class Worker: Sendable {
             // A daemon keeps no directory busy; every path it still needs is absolute.
             _ = chdir("/")
         }
+        // NIC hot-plug looks taps up after the filter is on, on a socket made before it.
+        var interfaces: NetInterfaces?
+        if qmp != nil {
+            do {
+                interfaces = try NetInterfaces()
+            } catch {
+                log.error("NIC hot-plug unavailable: \(error)")
+            }
+        }
         if !runtime.disableSeccomp {
             do {
                 try Seccomp.install(logOnly: getenv("FLOTILLA_SECCOMP_LOG") != nil, hotplug: qmp != nil)
@@ -265,7 +274,7 @@ private final class Worker: Sendable {
             }
         }
         log.info("VM started: \(config.machine.vcpuCount) vCPUs, \(config.machine.memoryBytes >> 20) MiB")
-        qmp?.open(commands: commands(vm: vm, events: events, mainLoop: loop, iothreads: iothreads))
+        qmp?.open(commands: commands(vm: vm, events: events, mainLoop: loop, iothreads: iothreads, interfaces: interfaces))
         readiness?.ready()
 
         // The main loop's thread serves the VM from here; this thread waits for its end
@@ -300,9 +309,11 @@ private final class Worker: Sendable {
     }
 
     /// The QMP command set: lifecycle (query-status, stop, cont, quit), query-version,
-    /// query-name, the balloon's and the other queries (QueryCommands), disk hot-plug
+    /// query-name, the balloon's and the other queries (QueryCommands), disk and NIC hot-plug
     /// (HotplugCommands).
-    func commands(vm: MicroVM, events: QMPEventSink, mainLoop: EventLoop, iothreads: [String: EventLoop]) -> QMPCommandTable {
+    func commands(
+        vm: MicroVM, events: QMPEventSink, mainLoop: EventLoop, iothreads: [String: EventLoop], interfaces: NetInterfaces?
+    ) -> QMPCommandTable {
         var table = QMPCommandTable()
         let name = config.name
         table.registerWithoutArguments("query-status") {
@@ -348,7 +359,7 @@ private final class Worker: Sendable {
         }
         BalloonCommands.register(in: &table, vm: vm, ramBytes: config.machine.memoryBytes)
         QueryCommands.register(in: &table, vm: vm, config: config, iothreads: iothreads)
-        let hotplug = BlockHotplug(vm: vm, config: config, mainLoop: mainLoop, iothreads: iothreads)
+        let hotplug = DeviceHotplug(vm: vm, config: config, mainLoop: mainLoop, iothreads: iothreads, interfaces: interfaces)
         HotplugCommands.register(in: &table, hotplug: hotplug, events: events)
         return table
     }

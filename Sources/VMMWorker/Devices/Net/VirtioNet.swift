@@ -71,14 +71,16 @@ public final class VirtioNetDevice: VirtioDevice {
     }
 
     /// Attaches to the tap `net.hostDeviceName`; fails naming the option and the reason.
-    public init(net: NetConfig, memory: GuestMemory, loop: EventLoop) throws(DeviceError) {
+    /// `interfaces` looks the tap up where if_nametoindex(3) cannot run (after start-up, under
+    /// the seccomp filter: QMP device_add).
+    public init(net: NetConfig, memory: GuestMemory, loop: EventLoop, interfaces: NetInterfaces? = nil) throws(DeviceError) {
         id = net.id
         tapName = net.hostDeviceName
         mac = net.mac ?? Self.defaultMAC(for: net)
         self.memory = memory
         self.loop = loop
         let option = "-netdev id=\(net.id),netdev=\(net.hostDeviceName) / net.host_dev_name"
-        guard if_nametoindex(net.hostDeviceName) != 0 else {
+        guard interfaces?.exists(net.hostDeviceName) ?? (if_nametoindex(net.hostDeviceName) != 0) else {
             throw DeviceError(.setup, "\(option): no network interface '\(net.hostDeviceName)' (create the tap device first)")
         }
         var step: UnsafePointer<CChar>?

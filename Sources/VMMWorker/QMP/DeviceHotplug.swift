@@ -1,9 +1,11 @@
 import Protocol
 import Synchronization
 
-/// Disk hot-plug on the MicroVm (StratoVirt docs/qmp.md "Hot plug management", QEMU's
-/// blockdev-add / device_add / device_del / blockdev-del): block nodes (open, locked images)
-/// and the virtio-blk devices in disk slots 0–3 that use them.
+/// Hot-plug on the MicroVm (StratoVirt docs/qmp.md "Hot plug management", QEMU's
+/// blockdev-add / netdev_add / device_add / device_del / blockdev-del / netdev_del): block
+/// nodes (open, locked images) and the virtio-blk devices in disk slots 0–3 that use them;
+/// netdevs (taps) and the virtio-net devices in NIC slots 4–5 that use them (NetHotplug.swift).
+/// Both kinds share the device registry (one id space), slot allocation and device_del.
 ///
 /// - blockdev-add opens and locks the image exactly as `-drive` does (BlockBackend, the same
 ///   errors); the node waits, unused, for a device.
@@ -15,7 +17,7 @@ import Synchronization
 /// - blockdev-del closes the image (releasing its lock); refused while a device uses it.
 ///
 /// Sendable: the registry is behind a Mutex; commands run one at a time on the main loop.
-final class BlockHotplug: Sendable {
+final class DeviceHotplug: Sendable {
     /// At most this many nodes exist at once (each holds an open, locked image).
     static let maximumNodes = 8
 
@@ -27,34 +29,77 @@ final class BlockHotplug: Sendable {
         var device: String?
     }
 
+    /// A tap a NIC attaches to: its name only (checked to exist); the NIC's device opens it
+    /// on device_add and closes it on device_del, so an unplugged NIC holds nothing.
+    struct Netdev {
+        let ifname: String
+        /// Created by netdev_add, not by -netdev.
+        let monitorOwned: Bool
+        var device: String?
+    }
+
     struct Device {
+        enum Kind {
+            case disk(node: String, serial: String?)
+            case nic(netdev: String)
+        }
         let id: String
-        let node: String
         let slot: Int
-        let serial: String?
+        let kind: Kind
+
+        var node: String? {
+            if case .disk(let node, _) = kind { return node }
+            return nil
+        }
     }
 
     struct State {
         /// In creation order, for the query replies.
         var nodes: [(name: String, node: Node)] = []
+        var netdevs: [(name: String, netdev: Netdev)] = []
         var devices: [Device] = []
 
         func nodeIndex(_ name: String) -> Int? { nodes.firstIndex { $0.name == name } }
+        func netdevIndex(_ name: String) -> Int? { netdevs.firstIndex { $0.name == name } }
+
+        /// The slot asked for, or the first free one of `slots`.
+        func slot(asked: Int?, in slots: Range<Int>, kind: String) throws(QMPCommandError) -> Int {
+            let used = Set(devices.map(\.slot))
+            if let asked {
+                guard !used.contains(asked) else {
+                    throw QMPCommandError(.genericError, "The slot \(asked - slots.lowerBound) is occupied already.")
+                }
+                return asked
+            }
+            guard let free = slots.first(where: { !used.contains($0) }) else {
+                // StratoVirt's words, and what to do about it.
+                throw QMPCommandError(
+                    .genericError,
+                    "A maximum of \(slots.count) \(kind) replaceable devices are supported: every \(kind == "block" ? "disk" : "NIC") slot is in use (device_del one first)"
+                )
+            }
+            return free
+        }
     }
 
     let vm: MicroVM
     let mainLoop: EventLoop
     let iothreads: [String: EventLoop]
-    /// Ids of the VM's other devices (consoles, NICs, vsock), which a disk may not take.
+    /// Looks taps up after start-up (nil: NIC hot-plug is unavailable, see ``init``).
+    let interfaces: NetInterfaces?
+    /// Ids of the VM's other devices (consoles, vsock), which a hot-plugged one may not take.
     let otherDeviceIDs: Set<String>
-    private let state = Mutex(State())
+    /// The registry. Not private: NetHotplug.swift's extension works on it too.
+    let state = Mutex(State())
 
-    /// Registers the disks `-drive` put in the disk slots as nodes and devices.
-    init(vm: MicroVM, config: VMConfig, mainLoop: EventLoop, iothreads: [String: EventLoop]) {
+    /// Registers the disks `-drive` put in the disk slots as nodes and devices, and the NICs
+    /// `-netdev` put in the NIC slots as netdevs and devices.
+    init(vm: MicroVM, config: VMConfig, mainLoop: EventLoop, iothreads: [String: EventLoop], interfaces: NetInterfaces?) {
         self.vm = vm
         self.mainLoop = mainLoop
         self.iothreads = iothreads
-        var others = Set(config.consoles.map(\.id)).union(config.nets.map(\.id))
+        self.interfaces = interfaces
+        var others = Set(config.consoles.map(\.id))
         if let vsock = config.vsock { others.insert(vsock.id) }
         otherDeviceIDs = others
         var initial = State()
@@ -63,9 +108,32 @@ final class BlockHotplug: Sendable {
                 let drive = config.drives.first(where: { $0.id == device.backend.id })
             else { continue }
             initial.nodes.append((drive.id, Node(backend: device.backend, drive: drive, monitorOwned: false, device: drive.id)))
-            initial.devices.append(Device(id: drive.id, node: drive.id, slot: slot, serial: drive.serial))
+            initial.devices.append(Device(id: drive.id, slot: slot, kind: .disk(node: drive.id, serial: drive.serial)))
+        }
+        for slot in VirtioPlan.nicSlots {
+            guard let device = vm.replaceableSlots[slot].transport?.device as? VirtioNetDevice else { continue }
+            initial.netdevs.append((device.id, Netdev(ifname: device.tapName, monitorOwned: false, device: device.id)))
+            initial.devices.append(Device(id: device.id, slot: slot, kind: .nic(netdev: device.id)))
         }
         state.withLock { $0 = initial }
+    }
+
+    /// The event loop named `iothread`, or the main loop.
+    func loop(iothread name: String?) throws(QMPCommandError) -> EventLoop {
+        guard let name else { return mainLoop }
+        guard let named = iothreads[name] else {
+            let known = iothreads.keys.sorted().joined(separator: ", ")
+            throw QMPCommandError(
+                .genericError, "iothread '\(name)' names no configured iothread; allowed: \(known.isEmpty ? "none defined" : known)")
+        }
+        return named
+    }
+
+    /// Refuses an id that a device has already.
+    func checkNewDevice(_ id: String, in state: State) throws(QMPCommandError) {
+        guard !state.devices.contains(where: { $0.id == id }), !otherDeviceIDs.contains(id) else {
+            throw QMPCommandError(.genericError, "Duplicate ID '\(id)' for device")
+        }
     }
 
     func blockdevAdd(_ drive: DriveConfig) throws(QMPCommandError) {
@@ -91,9 +159,7 @@ final class BlockHotplug: Sendable {
 
     func deviceAdd(_ request: QMPHotplug.BlockDevice) throws(QMPCommandError) {
         try state.withLock { state throws(QMPCommandError) in
-            guard !state.devices.contains(where: { $0.id == request.id }), !otherDeviceIDs.contains(request.id) else {
-                throw QMPCommandError(.genericError, "Duplicate ID '\(request.id)' for device")
-            }
+            try checkNewDevice(request.id, in: state)
             guard let index = state.nodeIndex(request.node) else {
                 throw QMPCommandError(.genericError, "Property 'virtio-blk-device.drive' can't find value '\(request.node)'")
             }
@@ -101,30 +167,9 @@ final class BlockHotplug: Sendable {
             if let user = node.device {
                 throw QMPCommandError(.genericError, "Drive '\(request.node)' is already in use by device '\(user)'")
             }
-            let used = Set(state.devices.map(\.slot))
-            let slot: Int
-            if let asked = request.slot {
-                guard !used.contains(asked) else { throw QMPCommandError(.genericError, "The slot \(asked) is occupied already.") }
-                slot = asked
-            } else {
-                guard let free = VirtioPlan.diskSlots.first(where: { !used.contains($0) }) else {
-                    throw QMPCommandError(
-                        .genericError,
-                        "A maximum of \(VirtioPlan.diskSlots.count) block replaceable devices are supported: every disk slot is in use (device_del one first)"
-                    )
-                }
-                slot = free
-            }
-            var loop = mainLoop
-            if let name = request.iothread {
-                guard let named = iothreads[name] else {
-                    let known = iothreads.keys.sorted().joined(separator: ", ")
-                    throw QMPCommandError(
-                        .genericError, "iothread '\(name)' names no configured iothread; allowed: \(known.isEmpty ? "none defined" : known)"
-                    )
-                }
-                loop = named
-            }
+            let slot = try state.slot(
+                asked: request.slot.map { VirtioPlan.diskSlots.lowerBound + $0 }, in: VirtioPlan.diskSlots, kind: "block")
+            let loop = try loop(iothread: request.iothread)
             let device = VirtioBlockDevice(
                 backend: node.backend, memory: vm.memory, loop: loop, iops: node.drive.iops ?? 0, serial: request.serial)
             do {
@@ -133,21 +178,34 @@ final class BlockHotplug: Sendable {
                 throw QMPCommandError(.genericError, "cannot plug device '\(request.id)' into disk slot \(slot): \(error)")
             }
             state.nodes[index].node.device = request.id
-            state.devices.append(Device(id: request.id, node: request.node, slot: slot, serial: request.serial))
+            state.devices.append(Device(id: request.id, slot: slot, kind: .disk(node: request.node, serial: request.serial)))
         }
     }
 
-    /// Unplugs disk `id`; false when no disk has that id.
+    /// Unplugs device `id` (a disk or a NIC); false when no device has that id. A NIC's tap
+    /// is closed here: the device held the only descriptor, and the transport, the last
+    /// reference to the device, is released once unplugged.
     func deviceDel(_ id: String) -> Bool {
         state.withLock { state in
             guard let index = state.devices.firstIndex(where: { $0.id == id }) else { return false }
             let device = state.devices.remove(at: index)
             vm.unplug(slot: device.slot)
-            if let nodeIndex = state.nodeIndex(device.node) {
-                if state.nodes[nodeIndex].node.monitorOwned {
-                    state.nodes[nodeIndex].node.device = nil
-                } else {
-                    state.nodes.remove(at: nodeIndex)  // -drive's backend goes with its device
+            switch device.kind {
+            case .disk(let node, _):
+                if let nodeIndex = state.nodeIndex(node) {
+                    if state.nodes[nodeIndex].node.monitorOwned {
+                        state.nodes[nodeIndex].node.device = nil
+                    } else {
+                        state.nodes.remove(at: nodeIndex)  // -drive's backend goes with its device
+                    }
+                }
+            case .nic(let netdev):
+                if let netdevIndex = state.netdevIndex(netdev) {
+                    if state.netdevs[netdevIndex].netdev.monitorOwned {
+                        state.netdevs[netdevIndex].netdev.device = nil
+                    } else {
+                        state.netdevs.remove(at: netdevIndex)  // -netdev's backend goes with its device
+                    }
                 }
             }
             return true
@@ -188,10 +246,11 @@ final class BlockHotplug: Sendable {
     func queryBlock() -> JSONValue {
         state.withLock { state in
             .array(
-                state.devices.sorted { $0.slot < $1.slot }.map { device in
-                    let node = state.nodeIndex(device.node).map { state.nodes[$0] }
+                state.devices.sorted { $0.slot < $1.slot }.compactMap { device -> JSONValue? in
+                    guard let name = device.node else { return nil }
+                    let node = state.nodeIndex(name).map { state.nodes[$0] }
                     var info: JSONObject = [
-                        "device": .string(node?.node.monitorOwned == false ? device.node : ""), "qdev": .string(device.id),
+                        "device": .string(node?.node.monitorOwned == false ? name : ""), "qdev": .string(device.id),
                         "type": "unknown", "removable": false, "locked": false,
                     ]
                     if let node { info["inserted"] = Self.nodeInfo(name: node.name, node: node.node) }
@@ -206,13 +265,13 @@ final class BlockHotplug: Sendable {
     }
 }
 
-/// The QMP commands over ``BlockHotplug``.
+/// The QMP commands over ``DeviceHotplug``.
 enum HotplugCommands {
     static func failure(_ error: QMPArgumentError) -> Result<JSONValue, QMPCommandError> {
         .failure(QMPCommandError(.genericError, error.description))
     }
 
-    static func register(in table: inout QMPCommandTable, hotplug: BlockHotplug, events: QMPEventSink) {
+    static func register(in table: inout QMPCommandTable, hotplug: DeviceHotplug, events: QMPEventSink) {
         table.register("blockdev-add") { arguments in
             let drive: DriveConfig
             do throws(QMPArgumentError) {
@@ -230,24 +289,20 @@ enum HotplugCommands {
         table.register("device_add") { arguments in
             let request: QMPHotplug.DeviceAdd
             do throws(QMPArgumentError) {
-                request = try QMPHotplug.deviceAdd(arguments, diskSlots: VirtioPlan.diskSlots.count)
+                request = try QMPHotplug.deviceAdd(
+                    arguments, diskSlots: VirtioPlan.diskSlots.count, nicSlots: VirtioPlan.nicSlots.count)
             } catch {
                 return Self.failure(error)
             }
-            switch request {
-            case .net(let id):
-                return .failure(
-                    QMPCommandError(
-                        .genericError,
-                        "device '\(id)': virtio-net hot-plug is not implemented yet (NICs are configured with -netdev at start)"))
-            case .block(let device):
-                do throws(QMPCommandError) {
-                    try hotplug.deviceAdd(device)
-                } catch {
-                    return .failure(error)
+            do throws(QMPCommandError) {
+                switch request {
+                case .net(let device): try hotplug.deviceAdd(device)
+                case .block(let device): try hotplug.deviceAdd(device)
                 }
-                return .success([:])
+            } catch {
+                return .failure(error)
             }
+            return .success([:])
         }
         // StratoVirt emits DEVICE_DELETED (device and path = the id) before device_del's
         // reply: the slot is empty by then. (QEMU waits for the guest to acknowledge; a
@@ -277,6 +332,7 @@ enum HotplugCommands {
             }
             return .success([:])
         }
+        registerNet(in: &table, hotplug: hotplug)
         table.registerWithoutArguments("query-block") { .success(hotplug.queryBlock()) }
         table.registerWithoutArguments("query-named-block-nodes") { .success(hotplug.queryNamedBlockNodes()) }
     }
