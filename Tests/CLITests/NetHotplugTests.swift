@@ -1,0 +1,238 @@
+import FlotillaTestSupport
+import Foundation
+import Glibc
+import Protocol
+import Testing
+
+/// NIC hot-plug over QMP end to end: netdev_add / device_add / device_del / netdev_del on a
+/// running MicroVm (real /dev/kvm, the seccomp filter on), flotilla-vmm inside a network
+/// namespace the test creates with real taps, whose kernel is the guest's peer. The test guest
+/// re-reads its slots (flotilla.rescan=1) and drives a NIC that appears with its virtio-net
+/// driver (ARP and ping with flotilla.net=).
+@Suite(
+    "virtio-net hot-plug over QMP",
+    .enabled(if: KVM.available, "needs read-write /dev/kvm"),
+    .enabled(if: NetworkNamespace.available, "needs root, /dev/net/tun and ip(8) to create a network namespace and taps"),
+    .serialized)
+struct NetHotplugTests {
+    let vmm = Executables.path("flotilla-vmm")
+
+    static func error(_ reply: JSONObject) -> (String?, String?) {
+        BlockHotplugTests.error(reply)
+    }
+
+    /// Whether a process has the tap attached: the kernel shows a tap with no queue attached as
+    /// NO-CARRIER (and LOWER_UP once one is).
+    static func attached(_ namespace: NetworkNamespace, _ tap: String) throws -> Bool {
+        let link = try namespace.command(["-n", namespace.name, "-o", "link", "show", tap])
+        return link.contains("LOWER_UP") && !link.contains("NO-CARRIER")
+    }
+
+    /// Waits until `text` occurs `count` times in the output (at most 60 s, then false).
+    static func waitForCount(_ text: String, _ count: Int, in process: BackgroundProcess) -> Bool {
+        for _ in 0..<600 {
+            if process.standardOutput.components(separatedBy: text).count - 1 >= count { return true }
+            usleep(100_000)
+        }
+        return false
+    }
+
+    /// The serial lines from the first line containing `marker`.
+    static func lines(after marker: String, in output: String) -> [Substring] {
+        let all = output.split(separator: "\n")
+        guard let start = all.firstIndex(where: { $0.contains(marker) }) else { return [] }
+        return Array(all[start...])
+    }
+
+    @Test(
+        "a NIC plugged into a held guest gets the MAC given and ARPs and pings the namespace's kernel; device_del emits DEVICE_DELETED, the guest sees it go and the tap is released, so it can be plugged again"
+    )
+    func plugUseUnplugReplug() throws {
+        let namespace = try NetworkNamespace()
+        defer { namespace.remove() }
+        let tapMAC = try namespace.addTap("flhp0", address: "10.79.0.1/24")
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let api = directory.file("api.sock")
+        let process = try BackgroundProcess(
+            namespace.ip,
+            namespace.vmmArguments(
+                vmm,
+                [
+                    "-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append",
+                    "console=ttyS0 flotilla.hold=1 flotilla.rescan=1 flotilla.net=10.79.0.2,10.79.0.1", "-iothread", "id=nio",
+                    "-api-channel", "unix:\(api)",
+                ]))
+        let qmp = try QMPTestClient(path: api)
+        try qmp.handshake()
+        #expect(process.waitForOutput("flotilla-guest: holding", timeout: 60), "\(process.standardOutput)")
+        #expect(!(try Self.attached(namespace, "flhp0")), "nothing attaches before device_add")
+
+        // StratoVirt's documented spelling: netdev_add id/ifname, device_add with the same id.
+        #expect(try qmp.execute("netdev_add", arguments: ["id": "net-0", "ifname": "flhp0"])["return"] == [:])
+        #expect(!(try Self.attached(namespace, "flhp0")), "netdev_add only records the tap")
+        let plugged = try qmp.execute(
+            "device_add", arguments: ["id": "net-0", "driver": "virtio-net-mmio", "mac": "52:54:00:4e:48:50", "iothread": "nio"])
+        #expect(plugged["return"] == [:], "\(plugged)")
+        #expect(try Self.attached(namespace, "flhp0"))
+        // The first NIC slot: slot 4, IRQ 9; the guest reads the MAC given and talks to the kernel.
+        #expect(
+            process.waitForOutput("fact device virtio-net base=0xd0004000 irq=9 nic=0 mac=52:54:00:4e:48:50 link=1", timeout: 60),
+            "\(process.standardOutput)")
+        #expect(process.waitForOutput("check net_ping", timeout: 60), "\(process.standardOutput)")
+        var report = GuestReport(output: process.standardOutput)
+        #expect(report.checks["net0"] == "ok" && report.checks["net_ping"] == "ok", "\(report.lines)")
+        let arp = try #require(report.lines.first { $0.contains("check net_arp") })
+        #expect(arp.contains("check net_arp ok") && arp.contains("peer=\(tapMAC)"), "\(arp) vs tap \(tapMAC)")
+        // TX: the kernel learned the guest's address with the MAC given to device_add.
+        let neighbours = try namespace.command(["-n", namespace.name, "neigh", "show", "dev", "flhp0"])
+        #expect(neighbours.contains("10.79.0.2 lladdr 52:54:00:4e:48:50"), "\(neighbours)")
+
+        // While the NIC has the tap, a second netdev on it cannot be attached (the tap has one queue).
+        #expect(try qmp.execute("netdev_add", arguments: ["id": "again", "ifname": "flhp0", "type": "tap"])["return"] == [:])
+        let (busyClass, busyText) = Self.error(
+            try qmp.execute("device_add", arguments: ["id": "nic1", "driver": "virtio-net-device", "netdev": "again"]))
+        #expect(busyClass == "GenericError" && busyText?.contains("cannot attach to tap 'flhp0': TUNSETIFF") == true, "\(busyText ?? "")")
+        #expect(
+            Self.error(try qmp.execute("netdev_del", arguments: ["id": "net-0"]))
+                == ("GenericError", "Netdev 'net-0' is in use by device 'net-0'; device_del it first"))
+
+        // device_del: DEVICE_DELETED before the reply; the guest sees the slot empty; the tap is free.
+        try qmp.send(QMP.Command(name: "device_del", arguments: ["id": "net-0"], id: 9))
+        let deleted = try qmp.receive()
+        #expect(deleted["event"] == "DEVICE_DELETED" && deleted["data"] == ["device": "net-0", "path": "net-0"], "\(deleted)")
+        #expect(try qmp.receive() == ["return": [:], "id": 9])
+        #expect(process.waitForOutput("fact device-removed base=0xd0004000 irq=9 device_id=1", timeout: 60), "\(process.standardOutput)")
+        #expect(!(try Self.attached(namespace, "flhp0")), "device_del closes the tap")
+        #expect(try qmp.execute("netdev_del", arguments: ["id": "net-0"])["return"] == [:])
+        #expect(
+            Self.error(try qmp.execute("netdev_del", arguments: ["id": "net-0"])) == ("DeviceNotFound", "Device 'net-0' not found"))
+
+        // Re-plug the same tap through the other netdev, into NIC slot 0x1 (slot 5, IRQ 10),
+        // with the default MAC; the guest drives it and pings again.
+        #expect(
+            try qmp.execute("device_add", arguments: ["id": "nic1", "driver": "virtio-net-device", "netdev": "again", "addr": "0x1"])[
+                "return"] == [:])
+        #expect(process.waitForOutput("fact device virtio-net base=0xd0005000 irq=10 nic=1", timeout: 60), "\(process.standardOutput)")
+        // The second NIC's ARP and ping lines are the second ones of their kind.
+        #expect(Self.waitForCount("check net_ping", 2, in: process), "\(process.standardOutput)")
+        let after = Self.lines(after: "fact device virtio-net base=0xd0005000", in: process.standardOutput)
+        #expect(after.contains { $0.contains("check net1 ok") }, "\(after)")
+        #expect(after.contains { $0.contains("check net_arp ok") && $0.contains("peer=\(tapMAC)") }, "\(after)")
+        #expect(after.contains { $0.contains("check net_ping ok") }, "\(after)")
+        #expect(try Self.attached(namespace, "flhp0"))
+
+        // Every check the guest printed, at boot or for a plugged NIC, passed.
+        report = GuestReport(output: process.standardOutput)
+        let failed = report.lines.filter { $0.contains("check ") && $0.contains(" fail") }
+        #expect(failed.isEmpty, "\(failed)")
+
+        // The VM's end releases the tap still plugged; the socket goes; the tap itself stays.
+        #expect(try qmp.execute("quit")["return"] == [:])
+        #expect(process.wait() == 0, "\(process.standardError)")
+        #expect(!(try Self.attached(namespace, "flhp0")))
+        #expect(try directory.contents().isEmpty)
+    }
+
+    @Test(
+        "errors as QEMU and StratoVirt word them: duplicate ids, unknown or busy netdev, a missing tap (-netdev's message), no free NIC slot with a cold NIC and a hot one; a -netdev NIC can be unplugged and its netdev goes with it"
+    )
+    func errorsAndLimits() throws {
+        let namespace = try NetworkNamespace()
+        defer { namespace.remove() }
+        for tap in ["flhpc", "flhpd", "flhpe"] { try namespace.addTap(tap) }
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let api = directory.file("api.sock")
+        let disk = try BlockHotplugTests.image(directory, "disk.img", bytes: 64 << 10)
+        let process = try BackgroundProcess(
+            namespace.ip,
+            namespace.vmmArguments(
+                vmm,
+                [
+                    "-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append", "console=ttyS0 flotilla.hold=1 flotilla.rescan=1",
+                    "-netdev", "id=cold,netdev=flhpc", "-drive", "id=disk0,file=\(disk.path)", "-api-channel", "unix:\(api)",
+                ]))
+        let qmp = try QMPTestClient(path: api)
+        try qmp.handshake()
+        #expect(process.waitForOutput("flotilla-guest: holding", timeout: 60), "\(process.standardOutput)")
+        #expect(process.standardOutput.contains("fact device virtio-net base=0xd0004000 irq=9 nic=0"))
+
+        #expect(try qmp.execute("netdev_add", arguments: ["id": "h1", "ifname": "flhpd"])["return"] == [:])
+        #expect(
+            Self.error(try qmp.execute("netdev_add", arguments: ["id": "h1", "ifname": "flhpe"]))
+                == ("GenericError", "Duplicate ID 'h1' for netdev"))
+        #expect(
+            Self.error(try qmp.execute("netdev_add", arguments: ["id": "cold", "ifname": "flhpe"]))
+                == ("GenericError", "Duplicate ID 'cold' for netdev"))
+        #expect(
+            Self.error(try qmp.execute("netdev_add", arguments: ["id": "x", "ifname": "flhpe", "type": "user"]))
+                == ("GenericError", "Parameter 'type' value 'user' is not supported on a MicroVm; allowed: 'tap'"))
+        // A missing tap: the words -netdev gives at start-up, and no interface is created.
+        let (missingClass, missingText) = Self.error(try qmp.execute("netdev_add", arguments: ["id": "gone", "ifname": "flhpnone"]))
+        #expect(missingClass == "GenericError")
+        let startup = try run(
+            namespace.ip, namespace.vmmArguments(vmm, ["-kernel", GuestImages.vmlinux, "-netdev", "id=gone,netdev=flhpnone"]),
+            timeout: 60)
+        #expect(startup.status == 1)
+        let text = try #require(missingText)
+        #expect(text.contains("no network interface") && startup.standardError.contains(text), "\(text) vs \(startup.standardError)")
+        #expect(!(try namespace.command(["-n", namespace.name, "-o", "link", "show"]).contains("flhpnone")))
+
+        #expect(
+            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "nope"]))
+                == ("GenericError", "Property 'virtio-net-device.netdev' can't find value 'nope'"))
+        #expect(
+            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "cold"]))
+                == ("GenericError", "Property 'virtio-net-device.netdev' can't take value 'cold', it's in use"))
+        // Device ids are one space across disks and NICs.
+        for taken in ["cold", "disk0"] {
+            #expect(
+                Self.error(try qmp.execute("device_add", arguments: ["id": .string(taken), "driver": "virtio-net-mmio", "netdev": "h1"]))
+                    == ("GenericError", "Duplicate ID '\(taken)' for device"))
+        }
+        #expect(
+            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "h1", "addr": "0x0"]))
+                == ("GenericError", "The slot 0 is occupied already."))
+        let (threadClass, threadText) = Self.error(
+            try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "h1", "iothread": "none"]))
+        #expect(threadClass == "GenericError" && threadText?.hasPrefix("iothread 'none' names no configured iothread") == true)
+        #expect(
+            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "h1", "drive": "d"]))
+                == ("GenericError", "Property 'virtio-net-mmio.drive' not found"))
+
+        // The first free NIC slot is 0x1; then both are taken (the cold NIC counts) and a third NIC has none.
+        #expect(try qmp.execute("device_add", arguments: ["id": "h1", "driver": "virtio-net-mmio"])["return"] == [:])
+        #expect(process.waitForOutput("fact device virtio-net base=0xd0005000 irq=10 nic=1", timeout: 60), "\(process.standardOutput)")
+        #expect(try qmp.execute("netdev_add", arguments: ["id": "h2", "ifname": "flhpe"])["return"] == [:])
+        let (fullClass, fullText) = Self.error(
+            try qmp.execute("device_add", arguments: ["id": "h2", "driver": "virtio-net-mmio"]))
+        #expect(fullClass == "GenericError" && fullText?.hasPrefix("A maximum of 2 net replaceable devices are supported") == true)
+        #expect(!(try Self.attached(namespace, "flhpe")), "a refused device_add leaves the tap alone")
+
+        // The -netdev NIC unplugs too; its netdev goes with it (as a -drive node does), and its tap is free.
+        #expect(try Self.attached(namespace, "flhpc"))
+        #expect(try qmp.execute("device_del", arguments: ["id": "cold"])["return"] == [:])
+        #expect(process.waitForOutput("fact device-removed base=0xd0004000 irq=9 device_id=1", timeout: 60), "\(process.standardOutput)")
+        #expect(!(try Self.attached(namespace, "flhpc")))
+        #expect(Self.error(try qmp.execute("netdev_del", arguments: ["id": "cold"])) == ("DeviceNotFound", "Device 'cold' not found"))
+        // Its slot takes the waiting NIC.
+        #expect(try qmp.execute("device_add", arguments: ["id": "h2", "driver": "virtio-net-mmio"])["return"] == [:])
+        #expect(process.waitForOutput("fact device virtio-net base=0xd0004000 irq=9 nic=2", timeout: 60), "\(process.standardOutput)")
+        #expect(try Self.attached(namespace, "flhpe"))
+        // query-block lists disks only.
+        let block = try #require(try qmp.execute("query-block")["return"]?.arrayValue)
+        #expect(block.compactMap { $0.objectValue?["qdev"]?.stringValue } == ["disk0"])
+
+        let failed = GuestReport(output: process.standardOutput).lines.filter { $0.contains("check ") && $0.contains(" fail") }
+        #expect(failed.isEmpty, "\(failed)")
+
+        // The VM's end releases every tap; nothing else is left.
+        #expect(try qmp.execute("quit")["return"] == [:])
+        #expect(process.wait() == 0, "\(process.standardError)")
+        for tap in ["flhpc", "flhpd", "flhpe"] { #expect(!(try Self.attached(namespace, tap)), "\(tap)") }
+        let links = try namespace.command(["-n", namespace.name, "-o", "link", "show"])
+        #expect(links.split(separator: "\n").count == 4, "lo and the three taps only: \(links)")
+        #expect(try directory.contents() == ["disk.img"])
+    }
+}
