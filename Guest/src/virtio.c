@@ -44,6 +44,105 @@ bool virtio_hold_poll(void)
 	return hold_poller_count != 0;
 }
 
+bool virtio_negotiate(struct virtio_mmio_dev *d, u64 wanted, u64 *features, const char **why)
+{
+	vm_write(d, VIRTIO_MMIO_STATUS, 0);
+	vm_write(d, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE);
+	vm_write(d, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+	vm_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+	u64 offered = vm_read(d, VIRTIO_MMIO_DEVICE_FEATURES);
+	vm_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+	offered |= (u64)vm_read(d, VIRTIO_MMIO_DEVICE_FEATURES) << 32;
+	if (!(offered & VIRTIO_F_VERSION_1)) {
+		*why = "no-version-1";
+		return false;
+	}
+	u64 accepted = offered & wanted;
+	*features = accepted;
+	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)accepted);
+	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)(accepted >> 32));
+	vm_write(d, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK);
+	if (!(vm_read(d, VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_FEATURES_OK)) {
+		*why = "features-refused";
+		return false;
+	}
+	return true;
+}
+
+bool virtio_queue_setup(struct virtio_mmio_dev *d, u32 index, u32 size, void *desc, void *avail, void *used,
+			const char **why)
+{
+	vm_write(d, VIRTIO_MMIO_QUEUE_SEL, index);
+	if (vm_read(d, VIRTIO_MMIO_QUEUE_READY)) {
+		*why = "queue-already-ready";
+		return false;
+	}
+	if (vm_read(d, VIRTIO_MMIO_QUEUE_NUM_MAX) < size) {
+		*why = "queue-too-small";
+		return false;
+	}
+	vm_write(d, VIRTIO_MMIO_QUEUE_NUM, size);
+	vm_write(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)(u64)desc);
+	vm_write(d, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)((u64)desc >> 32));
+	vm_write(d, VIRTIO_MMIO_QUEUE_DRIVER_LOW, (u32)(u64)avail);
+	vm_write(d, VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u32)((u64)avail >> 32));
+	vm_write(d, VIRTIO_MMIO_QUEUE_DEVICE_LOW, (u32)(u64)used);
+	vm_write(d, VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u32)((u64)used >> 32));
+	vm_write(d, VIRTIO_MMIO_QUEUE_READY, 1);
+	return true;
+}
+
+bool vq_small_setup(struct virtio_mmio_dev *d, u32 index, struct vq_small *q, const char **why)
+{
+	memset(q, 0, sizeof(*q));
+	q->avail_flags = VIRTQ_AVAIL_F_NO_INTERRUPT;    /* these drivers poll */
+	return virtio_queue_setup(d, index, VQ_SMALL, q->desc, &q->avail_flags, &q->used_flags, why);
+}
+
+void virtio_driver_ok(struct virtio_mmio_dev *d)
+{
+	vm_write(d, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK |
+		 VIRTIO_STATUS_DRIVER_OK);
+}
+
+void vq_small_fill(struct vq_small *q, u8 *bufs, u32 len)
+{
+	for (u16 i = 0; i < VQ_SMALL; i++) {
+		q->desc[i] = (struct vq_desc){ (u64)bufs + (u64)i * len, len, VIRTQ_DESC_F_WRITE, 0 };
+		q->avail_ring[i] = i;
+	}
+	wr_u16(&q->avail_idx, VQ_SMALL);
+}
+
+void vq_small_post(struct vq_small *q, u16 id)
+{
+	u16 idx = rd_u16(&q->avail_idx);
+	q->avail_ring[idx % VQ_SMALL] = id;
+	wr_u16(&q->avail_idx, (u16)(idx + 1));
+}
+
+void virtio_notify(struct virtio_mmio_dev *d, u32 index)
+{
+	__asm__ __volatile__("mfence" ::: "memory");
+	vm_write(d, VIRTIO_MMIO_QUEUE_NOTIFY, index);
+}
+
+long vq_small_send(struct virtio_mmio_dev *d, u32 index, struct vq_small *q, void *buf, u32 len, u16 flags, u32 polls)
+{
+	u16 idx = rd_u16(&q->avail_idx);
+	q->desc[0] = (struct vq_desc){ (u64)buf, len, flags, 0 };
+	vq_small_post(q, 0);
+	virtio_notify(d, index);
+	for (u32 n = 0; n < polls; n++) {
+		if (rd_u16(&q->used_idx) == (u16)(idx + 1))
+			return q->used_ring[idx % VQ_SMALL].len;
+		delay_us(200);
+	}
+	return -1;
+}
+
 struct virtio_scan {
 	struct virtio_mmio_dev dev[MAX_VIRTIO_DEVICES];
 	u32 count;

@@ -39,6 +39,35 @@
 #define VIRTIO_ID_BALLOON  5
 #define VIRTIO_ID_VSOCK    19
 
+/* Device status bits (§2.1) and the one transport feature every driver needs (§6). */
+#define VIRTIO_STATUS_ACKNOWLEDGE 1
+#define VIRTIO_STATUS_DRIVER      2
+#define VIRTIO_STATUS_DRIVER_OK   4
+#define VIRTIO_STATUS_FEATURES_OK 8
+#define VIRTIO_F_VERSION_1        (1UL << 32)
+
+/* Split virtqueues (§2.7). */
+#define VIRTQ_DESC_F_NEXT          1
+#define VIRTQ_DESC_F_WRITE         2
+#define VIRTQ_DESC_F_INDIRECT      4
+#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
+
+struct vq_desc { u64 addr; u32 len; u16 flags; u16 next; };
+
+/* A 4-entry split virtqueue in one page, polled (NO_INTERRUPT): rng, console, balloon, net. */
+#define VQ_SMALL 4
+struct vq_small {
+	struct vq_desc desc[VQ_SMALL];                     /* 0x000 */
+	u16 avail_flags, avail_idx, avail_ring[VQ_SMALL];  /* 0x040 */
+	u8 pad0[0x100 - 0x40 - 2 * (2 + VQ_SMALL)];
+	u16 used_flags, used_idx;                          /* 0x100 */
+	struct { u32 id, len; } used_ring[VQ_SMALL];
+} __attribute__((aligned(4096)));
+
+/* Ring indices the device reads or writes: the barriers keep gcc from caching or reordering them. */
+static inline u16 rd_u16(volatile u16 *p) { barrier(); u16 v = *p; barrier(); return v; }
+static inline void wr_u16(volatile u16 *p, u16 v) { barrier(); *p = v; barrier(); }
+
 struct virtio_mmio_dev {
 	u64 base, size;
 	u32 irq;
@@ -59,6 +88,36 @@ struct virtio_driver {
 	const char *name;
 	bool (*probe)(struct virtio_mmio_dev *dev);
 };
+
+/*
+ * Device initialisation (§3.1.1): reset, ACKNOWLEDGE, DRIVER, then accept
+ * offered & wanted (wanted includes VIRTIO_F_VERSION_1, which the device must
+ * offer) and set FEATURES_OK, which the device must keep. False with `why`
+ * set ("no-version-1", "features-refused") otherwise.
+ */
+bool virtio_negotiate(struct virtio_mmio_dev *d, u64 wanted, u64 *features, const char **why);
+/*
+ * Queue `index` (§4.2.3.2): selects it, checks it is not in use and holds at
+ * least `size` entries ("queue-already-ready", "queue-too-small"), then sets
+ * its size and ring addresses and makes it ready.
+ */
+bool virtio_queue_setup(struct virtio_mmio_dev *d, u32 index, u32 size, void *desc, void *avail, void *used,
+			const char **why);
+/* The same for a zeroed vq_small that asks for no interrupts. */
+bool vq_small_setup(struct virtio_mmio_dev *d, u32 index, struct vq_small *q, const char **why);
+/* Last step of initialisation: DRIVER_OK. */
+void virtio_driver_ok(struct virtio_mmio_dev *d);
+/* Makes VQ_SMALL device-writable buffers of `len` bytes, back to back from `bufs`, available on q. */
+void vq_small_fill(struct vq_small *q, u8 *bufs, u32 len);
+/* Makes descriptor `id` available on q (no notification). */
+void vq_small_post(struct vq_small *q, u16 id);
+/* Tells the device that queue `index` has new buffers (after a full barrier). */
+void virtio_notify(struct virtio_mmio_dev *d, u32 index);
+/*
+ * One buffer as descriptor 0 of queue `index`, notified, then polled every
+ * 200 us up to `polls` times: the length the device reports used, or -1.
+ */
+long vq_small_send(struct virtio_mmio_dev *d, u32 index, struct vq_small *q, void *buf, u32 len, u16 flags, u32 polls);
 
 /* The kernel command line, set by virtio_probe_all, for drivers' own parameters. */
 extern const char *virtio_cmdline;

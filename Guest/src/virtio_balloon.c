@@ -19,106 +19,37 @@
  */
 #include "virtio.h"
 
-#define F_VERSION_1        (1UL << 32)
 #define F_DEFLATE_ON_OOM   (1UL << 2)
 
-#define STATUS_ACKNOWLEDGE 1
-#define STATUS_DRIVER      2
-#define STATUS_DRIVER_OK   4
-#define STATUS_FEATURES_OK 8
-
-#define AVAIL_F_NO_INTERRUPT 1
 #define INT_CONFIG_CHANGE    2
 
-#define QSIZE         4
 #define BALLOON_BASE  0x4000000UL     /* 64 MiB */
 #define BALLOON_MAX   4096            /* pages of 4 KiB: 16 MiB */
 #define BALLOON_BATCH 256             /* PFNs per request */
 #define PAGE_MARK     0x62616c6c6f6f6e21UL
 
-struct vq_desc { u64 addr; u32 len; u16 flags; u16 next; };
-
-struct bal_queue {
-	struct vq_desc desc[QSIZE];                     /* 0x000 */
-	u16 avail_flags, avail_idx, avail_ring[QSIZE];  /* 0x040 */
-	u8 pad0[0x100 - 0x40 - 2 * (2 + QSIZE)];
-	u16 used_flags, used_idx;                       /* 0x100 */
-	struct { u32 id, len; } used_ring[QSIZE];
-} __attribute__((aligned(4096)));
-
-static struct bal_queue bal_q[2];                   /* inflateq, deflateq */
+static struct vq_small bal_q[2];                   /* inflateq, deflateq */
 static u32 bal_pfns[BALLOON_BATCH];
 static struct virtio_mmio_dev *bal_dev;
 static u32 bal_pages;                               /* region pages now in the balloon */
 static u32 bal_max;
 static bool bal_first = true;
 
-static inline u16 rd_u16(volatile u16 *p) { barrier(); u16 v = *p; barrier(); return v; }
-static inline void wr_u16(volatile u16 *p, u16 v) { barrier(); *p = v; barrier(); }
-
 static volatile u64 *page_word(u32 page) { return (volatile u64 *)(BALLOON_BASE + (u64)page * 4096); }
 
 static bool bal_init(struct virtio_mmio_dev *d, u64 *features, const char **why)
 {
-	vm_write(d, VIRTIO_MMIO_STATUS, 0);
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-	vm_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-	u64 offered = vm_read(d, VIRTIO_MMIO_DEVICE_FEATURES);
-	vm_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-	offered |= (u64)vm_read(d, VIRTIO_MMIO_DEVICE_FEATURES) << 32;
-	if (!(offered & F_VERSION_1)) {
-		*why = "no-version-1";
+	if (!virtio_negotiate(d, VIRTIO_F_VERSION_1 | F_DEFLATE_ON_OOM, features, why) ||
+	    !vq_small_setup(d, 0, &bal_q[0], why) || !vq_small_setup(d, 1, &bal_q[1], why))
 		return false;
-	}
-	*features = offered & (F_VERSION_1 | F_DEFLATE_ON_OOM);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)*features);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)(*features >> 32));
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-	if (!(vm_read(d, VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK)) {
-		*why = "features-refused";
-		return false;
-	}
-	for (u32 i = 0; i < 2; i++) {
-		struct bal_queue *q = &bal_q[i];
-		vm_write(d, VIRTIO_MMIO_QUEUE_SEL, i);
-		if (vm_read(d, VIRTIO_MMIO_QUEUE_NUM_MAX) < QSIZE) {
-			*why = "queue-too-small";
-			return false;
-		}
-		memset(q, 0, sizeof(*q));
-		q->avail_flags = AVAIL_F_NO_INTERRUPT;    /* this driver polls */
-		vm_write(d, VIRTIO_MMIO_QUEUE_NUM, QSIZE);
-		vm_write(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)(u64)q->desc);
-		vm_write(d, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)((u64)q->desc >> 32));
-		vm_write(d, VIRTIO_MMIO_QUEUE_DRIVER_LOW, (u32)(u64)&q->avail_flags);
-		vm_write(d, VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u32)((u64)&q->avail_flags >> 32));
-		vm_write(d, VIRTIO_MMIO_QUEUE_DEVICE_LOW, (u32)(u64)&q->used_flags);
-		vm_write(d, VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u32)((u64)&q->used_flags >> 32));
-		vm_write(d, VIRTIO_MMIO_QUEUE_READY, 1);
-	}
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+	virtio_driver_ok(d);
 	return true;
 }
 
 /* Gives the device `count` PFNs from bal_pfns on queue `index`; true once used (~2 s at most). */
 static bool bal_send(u32 index, u32 count)
 {
-	struct bal_queue *q = &bal_q[index];
-	u16 idx = rd_u16(&q->avail_idx);
-	q->desc[0] = (struct vq_desc){ (u64)bal_pfns, count * 4, 0, 0 };
-	q->avail_ring[idx % QSIZE] = 0;
-	wr_u16(&q->avail_idx, (u16)(idx + 1));
-	__asm__ __volatile__("mfence" ::: "memory");
-	vm_write(bal_dev, VIRTIO_MMIO_QUEUE_NOTIFY, index);
-	for (u32 n = 0; n < 10000; n++) {
-		if (rd_u16(&q->used_idx) == (u16)(idx + 1))
-			return true;
-		delay_us(200);
-	}
-	return false;
+	return vq_small_send(bal_dev, index, &bal_q[index], bal_pfns, count * 4, 0, 10000) >= 0;
 }
 
 /* num_pages, read consistently (§2.5.1: retry while ConfigGeneration moves). */

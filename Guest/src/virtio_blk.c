@@ -22,12 +22,6 @@
 #define F_BLK_WRITE_ZEROES (1UL << 14)
 #define F_INDIRECT_DESC    (1UL << 28)
 #define F_EVENT_IDX        (1UL << 29)
-#define F_VERSION_1        (1UL << 32)
-
-#define STATUS_ACKNOWLEDGE 1
-#define STATUS_DRIVER      2
-#define STATUS_DRIVER_OK   4
-#define STATUS_FEATURES_OK 8
 
 #define T_IN     0
 #define T_OUT    1
@@ -42,17 +36,11 @@
 #define DISCARD_SECTOR 16
 #define DISCARD_SECTORS 16
 
-#define DESC_NEXT     1
-#define DESC_WRITE    2
-#define DESC_INDIRECT 4
-
 #define QSIZE       16
 #define MAX_DISKS   4
 #define CRC_BYTES   65536
 #define IRQ_VECTOR_BASE 0x30
 #define WATCHDOG_VECTOR 0xef
-
-struct vq_desc { u64 addr; u32 len; u16 flags; u16 next; };
 
 /* One 4 KiB page per disk: descriptors, rings, indirect tables, request headers. */
 struct queue_page {
@@ -84,9 +72,6 @@ static u8 data_buf[CRC_BYTES] __attribute__((aligned(4096)));
 static u8 sector_buf[2][1024] __attribute__((aligned(512)));
 static struct blkdev disks[MAX_DISKS];
 static u32 ndisks;
-
-static inline u16 rd_u16(volatile u16 *p) { barrier(); u16 v = *p; barrier(); return v; }
-static inline void wr_u16(volatile u16 *p, u16 v) { barrier(); *p = v; barrier(); }
 
 /* vring_need_event (§2.7.10): notify when the new index passed the other side's event index. */
 static bool need_event(u16 event, u16 new_idx, u16 old_idx) { return (u16)(new_idx - event - 1) < (u16)(new_idx - old_idx); }
@@ -121,21 +106,21 @@ static void post(struct blkdev *b, u32 slot, u32 type, u64 sector, const struct 
 	u32 n = 0;
 	chain[n++] = (struct vq_desc){ (u64)&q->hdr[slot], 16, 0, 0 };
 	for (u32 i = 0; i < nsegs; i++)
-		chain[n++] = (struct vq_desc){ (u64)segs[i].buf, segs[i].len, segs[i].write ? DESC_WRITE : 0, 0 };
-	chain[n++] = (struct vq_desc){ (u64)&q->status[slot], 1, DESC_WRITE, 0 };
+		chain[n++] = (struct vq_desc){ (u64)segs[i].buf, segs[i].len, segs[i].write ? VIRTQ_DESC_F_WRITE : 0, 0 };
+	chain[n++] = (struct vq_desc){ (u64)&q->status[slot], 1, VIRTQ_DESC_F_WRITE, 0 };
 
 	u16 head = (u16)(slot * 4);      /* each slot owns descriptors [4*slot, 4*slot+4) */
 	if (indirect && (b->features & F_INDIRECT_DESC) && n <= 4) {
 		for (u32 i = 0; i < n; i++) {
 			q->indirect[slot][i] = chain[i];
-			q->indirect[slot][i].flags |= i + 1 < n ? DESC_NEXT : 0;
+			q->indirect[slot][i].flags |= i + 1 < n ? VIRTQ_DESC_F_NEXT : 0;
 			q->indirect[slot][i].next = (u16)(i + 1);
 		}
-		q->desc[head] = (struct vq_desc){ (u64)q->indirect[slot], n * 16, DESC_INDIRECT, 0 };
+		q->desc[head] = (struct vq_desc){ (u64)q->indirect[slot], n * 16, VIRTQ_DESC_F_INDIRECT, 0 };
 	} else {
 		for (u32 i = 0; i < n && i < 4; i++) {
 			q->desc[head + i] = chain[i];
-			q->desc[head + i].flags |= i + 1 < n ? DESC_NEXT : 0;
+			q->desc[head + i].flags |= i + 1 < n ? VIRTQ_DESC_F_NEXT : 0;
 			q->desc[head + i].next = (u16)(head + i + 1);
 		}
 	}
@@ -201,50 +186,14 @@ static bool request(struct blkdev *b, u32 type, u64 sector, const struct seg *se
 static bool blk_init(struct blkdev *b, const char **why)
 {
 	struct virtio_mmio_dev *d = b->dev;
-	vm_write(d, VIRTIO_MMIO_STATUS, 0);
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-	vm_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-	u64 offered = vm_read(d, VIRTIO_MMIO_DEVICE_FEATURES);
-	vm_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-	offered |= (u64)vm_read(d, VIRTIO_MMIO_DEVICE_FEATURES) << 32;
-	if (!(offered & F_VERSION_1)) {
-		*why = "no-version-1";
+	u64 wanted = VIRTIO_F_VERSION_1 | F_BLK_RO | F_BLK_BLK_SIZE | F_BLK_FLUSH | F_BLK_SEG_MAX | F_INDIRECT_DESC |
+		     F_EVENT_IDX | F_BLK_DISCARD | F_BLK_WRITE_ZEROES;
+	if (!virtio_negotiate(d, wanted, &b->features, why))
 		return false;
-	}
-	u64 wanted = F_VERSION_1 | F_BLK_RO | F_BLK_BLK_SIZE | F_BLK_FLUSH | F_BLK_SEG_MAX | F_INDIRECT_DESC | F_EVENT_IDX |
-		     F_BLK_DISCARD | F_BLK_WRITE_ZEROES;
-	b->features = offered & wanted;
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)b->features);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)(b->features >> 32));
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-	if (!(vm_read(d, VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK)) {
-		*why = "features-refused";
-		return false;
-	}
-
-	vm_write(d, VIRTIO_MMIO_QUEUE_SEL, 0);
-	if (vm_read(d, VIRTIO_MMIO_QUEUE_READY)) {
-		*why = "queue-already-ready";
-		return false;
-	}
-	u32 max = vm_read(d, VIRTIO_MMIO_QUEUE_NUM_MAX);
-	if (max < QSIZE) {
-		*why = "queue-too-small";
-		return false;
-	}
 	struct queue_page *q = b->q;
 	memset(q, 0, sizeof(*q));
-	vm_write(d, VIRTIO_MMIO_QUEUE_NUM, QSIZE);
-	vm_write(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)(u64)q->desc);
-	vm_write(d, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)((u64)q->desc >> 32));
-	vm_write(d, VIRTIO_MMIO_QUEUE_DRIVER_LOW, (u32)(u64)&q->avail_flags);
-	vm_write(d, VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u32)((u64)&q->avail_flags >> 32));
-	vm_write(d, VIRTIO_MMIO_QUEUE_DEVICE_LOW, (u32)(u64)&q->used_flags);
-	vm_write(d, VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u32)((u64)&q->used_flags >> 32));
-	vm_write(d, VIRTIO_MMIO_QUEUE_READY, 1);
+	if (!virtio_queue_setup(d, 0, QSIZE, q->desc, &q->avail_flags, &q->used_flags, why))
+		return false;
 
 	/* capacity (§5.2.4) is 64 bits: read it under an unchanged config generation (§4.2.3.1.1). */
 	u32 gen, lo, hi;
@@ -257,7 +206,7 @@ static bool blk_init(struct blkdev *b, const char **why)
 
 	irq_handlers[IRQ_VECTOR_BASE + d->irq] = blk_irq;
 	ioapic_route(d->irq, IRQ_VECTOR_BASE + d->irq);
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+	virtio_driver_ok(d);
 	return true;
 }
 

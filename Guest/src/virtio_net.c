@@ -17,34 +17,14 @@
 
 #define F_MAC       (1UL << 5)
 #define F_STATUS    (1UL << 16)
-#define F_VERSION_1 (1UL << 32)
 
-#define STATUS_ACKNOWLEDGE 1
-#define STATUS_DRIVER      2
-#define STATUS_DRIVER_OK   4
-#define STATUS_FEATURES_OK 8
-
-#define DESC_WRITE 2
-#define AVAIL_F_NO_INTERRUPT 1
-
-#define QSIZE    4
 #define HDR      12            /* virtio_net_hdr_v1 (§5.1.6): VERSION_1 always has num_buffers */
 #define RXBUF    1536          /* header + a 1514-byte frame (§5.1.6.3.1 without MRG_RXBUF) */
 #define PING_LEN 32
 
-struct vq_desc { u64 addr; u32 len; u16 flags; u16 next; };
-
-struct net_queue {
-	struct vq_desc desc[QSIZE];                     /* 0x000 */
-	u16 avail_flags, avail_idx, avail_ring[QSIZE];  /* 0x040 */
-	u8 pad0[0x100 - 0x40 - 2 * (2 + QSIZE)];
-	u16 used_flags, used_idx;                       /* 0x100 */
-	struct { u32 id, len; } used_ring[QSIZE];
-} __attribute__((aligned(4096)));
-
 /* One NIC at a time: each is reset when its probe ends. */
-static struct net_queue rxq, txq;
-static u8 rxbuf[QSIZE][RXBUF] __attribute__((aligned(64)));
+static struct vq_small rxq, txq;
+static u8 rxbuf[VQ_SMALL][RXBUF] __attribute__((aligned(64)));
 static u8 txbuf[HDR + 128] __attribute__((aligned(64)));
 static u16 rx_seen;
 static u32 nics;
@@ -52,8 +32,6 @@ static bool hotplugged;    /* the probe in progress is for a NIC plugged after b
 
 struct net_opts { bool set; u8 guest[4], host[4]; };
 
-static inline u16 rd_u16(volatile u16 *p) { barrier(); u16 v = *p; barrier(); return v; }
-static inline void wr_u16(volatile u16 *p, u16 v) { barrier(); *p = v; barrier(); }
 static inline void put16(u8 *p, u16 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }     /* network order */
 static inline u16 get16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
 
@@ -88,62 +66,15 @@ static void net_param(const char *key, size_t keylen, const char *val, size_t va
 	o->set = m && n + 1 + m == vallen;
 }
 
-static void setup_queue(struct virtio_mmio_dev *d, u32 index, struct net_queue *q)
-{
-	memset(q, 0, sizeof(*q));
-	q->avail_flags = AVAIL_F_NO_INTERRUPT;    /* this driver polls */
-	vm_write(d, VIRTIO_MMIO_QUEUE_SEL, index);
-	vm_write(d, VIRTIO_MMIO_QUEUE_NUM, QSIZE);
-	vm_write(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)(u64)q->desc);
-	vm_write(d, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)((u64)q->desc >> 32));
-	vm_write(d, VIRTIO_MMIO_QUEUE_DRIVER_LOW, (u32)(u64)&q->avail_flags);
-	vm_write(d, VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u32)((u64)&q->avail_flags >> 32));
-	vm_write(d, VIRTIO_MMIO_QUEUE_DEVICE_LOW, (u32)(u64)&q->used_flags);
-	vm_write(d, VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u32)((u64)&q->used_flags >> 32));
-	vm_write(d, VIRTIO_MMIO_QUEUE_READY, 1);
-}
-
 static bool net_init(struct virtio_mmio_dev *d, u64 *features, const char **why)
 {
-	vm_write(d, VIRTIO_MMIO_STATUS, 0);
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-	vm_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-	u64 offered = vm_read(d, VIRTIO_MMIO_DEVICE_FEATURES);
-	vm_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-	offered |= (u64)vm_read(d, VIRTIO_MMIO_DEVICE_FEATURES) << 32;
-	if (!(offered & F_VERSION_1)) {
-		*why = "no-version-1";
+	if (!virtio_negotiate(d, VIRTIO_F_VERSION_1 | F_MAC | F_STATUS, features, why) ||
+	    !vq_small_setup(d, 0, &rxq, why) || !vq_small_setup(d, 1, &txq, why))
 		return false;
-	}
-	u64 want = offered & (F_VERSION_1 | F_MAC | F_STATUS);
-	*features = want;
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)want);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-	vm_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)(want >> 32));
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-	if (!(vm_read(d, VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK)) {
-		*why = "features-refused";
-		return false;
-	}
-	for (u32 i = 0; i < 2; i++) {
-		vm_write(d, VIRTIO_MMIO_QUEUE_SEL, i);
-		if (vm_read(d, VIRTIO_MMIO_QUEUE_NUM_MAX) < QSIZE) {
-			*why = "queue-too-small";
-			return false;
-		}
-	}
-	setup_queue(d, 0, &rxq);
-	setup_queue(d, 1, &txq);
 	/* Every RX buffer posted before DRIVER_OK (§5.1.6.3: device-writable, one per frame). */
-	for (u16 i = 0; i < QSIZE; i++) {
-		rxq.desc[i] = (struct vq_desc){ (u64)rxbuf[i], RXBUF, DESC_WRITE, 0 };
-		rxq.avail_ring[i] = i;
-	}
-	wr_u16(&rxq.avail_idx, QSIZE);
+	vq_small_fill(&rxq, rxbuf[0], RXBUF);
 	rx_seen = 0;
-	vm_write(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+	virtio_driver_ok(d);
 	return true;
 }
 
@@ -151,18 +82,7 @@ static bool net_init(struct virtio_mmio_dev *d, u64 *features, const char **why)
 static bool net_send(struct virtio_mmio_dev *d, u32 len)
 {
 	memset(txbuf, 0, HDR);
-	u16 idx = rd_u16(&txq.avail_idx);
-	txq.desc[0] = (struct vq_desc){ (u64)txbuf, HDR + len, 0, 0 };
-	txq.avail_ring[idx % QSIZE] = 0;
-	wr_u16(&txq.avail_idx, (u16)(idx + 1));
-	__asm__ __volatile__("mfence" ::: "memory");
-	vm_write(d, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
-	for (u32 n = 0; n < 10000; n++) {
-		if (rd_u16(&txq.used_idx) == (u16)(idx + 1))
-			return true;
-		delay_us(200);
-	}
-	return false;
+	return vq_small_send(d, 1, &txq, txbuf, HDR + len, 0, 10000) >= 0;
 }
 
 /* Waits (up to ~2 s) for a received frame that `match` accepts; every frame is
@@ -172,18 +92,15 @@ static const u8 *net_wait(struct virtio_mmio_dev *d, frame_match match, void *ct
 {
 	for (u32 n = 0; n < 10000; n++) {
 		while (rx_seen != rd_u16(&rxq.used_idx)) {
-			u32 id = rxq.used_ring[rx_seen % QSIZE].id, len = rxq.used_ring[rx_seen % QSIZE].len;
+			u32 id = rxq.used_ring[rx_seen % VQ_SMALL].id, len = rxq.used_ring[rx_seen % VQ_SMALL].len;
 			rx_seen++;
-			bool hit = id < QSIZE && len > HDR && len <= RXBUF && match(rxbuf[id] + HDR, len - HDR, ctx);
+			bool hit = id < VQ_SMALL && len > HDR && len <= RXBUF && match(rxbuf[id] + HDR, len - HDR, ctx);
 			if (hit)
 				return rxbuf[id] + HDR;    /* the caller reads it before the next wait */
 			(*other)++;
 			/* Give the buffer back and tell the device (it stops reading the tap when it has none). */
-			u16 a = rd_u16(&rxq.avail_idx);
-			rxq.avail_ring[a % QSIZE] = (u16)(id < QSIZE ? id : 0);
-			wr_u16(&rxq.avail_idx, (u16)(a + 1));
-			__asm__ __volatile__("mfence" ::: "memory");
-			vm_write(d, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+			vq_small_post(&rxq, (u16)(id < VQ_SMALL ? id : 0));
+			virtio_notify(d, 0);
 		}
 		delay_us(200);
 	}
