@@ -162,20 +162,13 @@ public final class VirtioBalloonDevice: VirtioDevice {
     }
 
     public func activate(_ activation: VirtioActivation) throws {
-        guard activation.queues.count == 2, let inflate = activation.queues[Self.inflateQueue],
-            let deflate = activation.queues[Self.deflateQueue]
-        else {
-            throw DeviceError(.setup, "virtio-balloon: the driver did not set up inflateq and deflateq")
-        }
         try state.withLock { state throws in
-            state.inflate = try VirtioQueueRunner(
-                queue: inflate, notifyFD: activation.notifyFDs[Self.inflateQueue], interrupt: activation.interrupt, bucket: nil,
-                loop: loop
-            ) { [weak self] in self?.processInflate() }
-            state.deflate = try VirtioQueueRunner(
-                queue: deflate, notifyFD: activation.notifyFDs[Self.deflateQueue], interrupt: activation.interrupt, bucket: nil,
-                loop: loop
-            ) { [weak self] in self?.processDeflate() }
+            state.inflate = try activation.runner(Self.inflateQueue, "inflateq", of: "virtio-balloon", loop: loop) {
+                [weak self] in self?.processInflate()
+            }
+            state.deflate = try activation.runner(Self.deflateQueue, "deflateq", of: "virtio-balloon", loop: loop) {
+                [weak self] in self?.processDeflate()
+            }
         }
     }
 

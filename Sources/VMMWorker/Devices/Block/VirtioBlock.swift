@@ -91,13 +91,10 @@ public final class VirtioBlockDevice: VirtioDevice {
     public func writeConfig(offset: UInt64, length: Int, value: UInt64) {}
 
     public func activate(_ activation: VirtioActivation) throws {
-        guard let first = activation.queues.first, let queue = first else {
-            throw DeviceError(.setup, "virtio-blk '\(backend.id)': the driver did not set up the request queue")
-        }
+        let bucket = iops > 0 ? TokenBucket(rate: iops) : nil
         try state.withLock { state throws in
-            state.active = try VirtioQueueRunner(
-                queue: queue, notifyFD: activation.notifyFDs[0], interrupt: activation.interrupt,
-                bucket: iops > 0 ? TokenBucket(rate: iops) : nil, loop: loop
+            state.active = try activation.runner(
+                0, "the request queue", of: "virtio-blk '\(backend.id)'", bucket: bucket, loop: loop
             ) { [weak self] in self?.process() }
         }
     }

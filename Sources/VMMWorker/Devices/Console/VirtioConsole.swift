@@ -61,21 +61,15 @@ public final class VirtioConsoleDevice: VirtioDevice {
     public func writeConfig(offset: UInt64, length: Int, value: UInt64) {}
 
     public func activate(_ activation: VirtioActivation) throws {
-        guard activation.queues.count == 2, let receive = activation.queues[Self.receiveQueue],
-            let transmit = activation.queues[Self.transmitQueue]
-        else {
-            throw DeviceError(.setup, "virtio-console '\(id)': the driver did not set up receiveq and transmitq")
-        }
+        let device = "virtio-console '\(id)'"
         try state.withLock { state throws in
             // A kick on receiveq means new receive buffers: ask the port for waiting input.
-            state.receive = try VirtioQueueRunner(
-                queue: receive, notifyFD: activation.notifyFDs[Self.receiveQueue], interrupt: activation.interrupt, bucket: nil,
-                loop: loop
-            ) { [weak self] in self?.port.resumeInput() }
-            state.transmit = try VirtioQueueRunner(
-                queue: transmit, notifyFD: activation.notifyFDs[Self.transmitQueue], interrupt: activation.interrupt,
-                bucket: nil, loop: loop
-            ) { [weak self] in self?.transmit() }
+            state.receive = try activation.runner(Self.receiveQueue, "receiveq", of: device, loop: loop) {
+                [weak self] in self?.port.resumeInput()
+            }
+            state.transmit = try activation.runner(Self.transmitQueue, "transmitq", of: device, loop: loop) {
+                [weak self] in self?.transmit()
+            }
         }
     }
 

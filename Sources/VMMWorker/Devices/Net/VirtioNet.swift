@@ -134,20 +134,14 @@ public final class VirtioNetDevice: VirtioDevice {
     public func writeConfig(offset: UInt64, length: Int, value: UInt64) {}
 
     public func activate(_ activation: VirtioActivation) throws {
-        guard activation.queues.count == 2, let receiveQueue = activation.queues[Self.receiveQueue],
-            let transmitQueue = activation.queues[Self.transmitQueue]
-        else {
-            throw DeviceError(.setup, "virtio-net '\(id)': the driver did not set up both the receive and the transmit queue")
-        }
+        let device = "virtio-net '\(id)'"
         try state.withLock { state throws in
-            state.receive = try VirtioQueueRunner(
-                queue: receiveQueue, notifyFD: activation.notifyFDs[Self.receiveQueue], interrupt: activation.interrupt,
-                bucket: nil, loop: loop
-            ) { [weak self] in self?.receive() }
-            state.transmit = try VirtioQueueRunner(
-                queue: transmitQueue, notifyFD: activation.notifyFDs[Self.transmitQueue], interrupt: activation.interrupt,
-                bucket: nil, loop: loop
-            ) { [weak self] in self?.transmit() }
+            state.receive = try activation.runner(Self.receiveQueue, "receiveq", of: device, loop: loop) {
+                [weak self] in self?.receive()
+            }
+            state.transmit = try activation.runner(Self.transmitQueue, "transmitq", of: device, loop: loop) {
+                [weak self] in self?.transmit()
+            }
             // Registered with no events; the first receive pass decides.
             state.tapToken = try loop.register(fd: tapFD, events: 0) { [weak self] events in self?.tapReady(events) }
             state.watchingTap = false

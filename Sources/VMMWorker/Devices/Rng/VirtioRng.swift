@@ -61,17 +61,14 @@ public final class VirtioRngDevice: VirtioDevice {
     public func writeConfig(offset: UInt64, length: Int, value: UInt64) {}
 
     public func activate(_ activation: VirtioActivation) throws {
-        guard let first = activation.queues.first, let queue = first else {
-            throw DeviceError(.setup, "virtio-rng: the driver did not set up the request queue")
-        }
         // The burst is 1/20 s worth, but at least one Linux-sized request (64 bytes), so a
         // low rate still hands out whole requests (the reference: bytes_per_sec limits the
         // average, not bursts).
         let bucket = bytesPerSecond.map { TokenBucket(rate: $0, capacity: max(64, Double($0) / 20)) }
         try state.withLock { state throws in
-            state.active = try VirtioQueueRunner(
-                queue: queue, notifyFD: activation.notifyFDs[0], interrupt: activation.interrupt, bucket: bucket, loop: loop
-            ) { [weak self] in self?.process() }
+            state.active = try activation.runner(0, "the request queue", of: "virtio-rng", bucket: bucket, loop: loop) {
+                [weak self] in self?.process()
+            }
         }
     }
 

@@ -19,6 +19,22 @@ extension VirtioChainHandler {
     func throttle(_ bucket: inout TokenBucket) -> UInt64 { bucket.wait() }
 }
 
+extension VirtioActivation {
+    /// Starts serving queue `index` with a ``VirtioQueueRunner`` (see its initialiser), or
+    /// throws a setup error naming `device` and `queueName` when the driver did not make that
+    /// queue ready (§4.2.3.2): every device here needs all of its queues.
+    func runner(
+        _ index: Int, _ queueName: String, of device: String, bucket: TokenBucket? = nil, loop: EventLoop,
+        process: @escaping @Sendable () -> Void
+    ) throws -> VirtioQueueRunner {
+        guard index < queues.count, let queue = queues[index] else {
+            throw DeviceError(.setup, "\(device): the driver did not set up \(queueName)")
+        }
+        return try VirtioQueueRunner(
+            queue: queue, notifyFD: notifyFDs[index], interrupt: interrupt, bucket: bucket, loop: loop, process: process)
+    }
+}
+
 /// One live virtqueue served on an event loop, from DRIVER_OK to reset: the notification
 /// watch, the optional token bucket and its resume timer, and the batch loop that takes
 /// chains, completes them, re-arms notifications and interrupts the driver.
