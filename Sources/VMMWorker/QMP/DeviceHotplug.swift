@@ -271,67 +271,56 @@ enum HotplugCommands {
         .failure(QMPCommandError(.genericError, error.description))
     }
 
-    static func register(in table: inout QMPCommandTable, hotplug: DeviceHotplug, events: QMPEventSink) {
-        table.register("blockdev-add") { arguments in
-            let drive: DriveConfig
+    /// Registers `name`: `parse` reads the arguments (a refusal is a GenericError in its words),
+    /// `act` carries the request out, and success replies `{}`.
+    static func register<Request>(
+        _ name: String, in table: inout QMPCommandTable,
+        parse: @escaping @Sendable (JSONObject) throws(QMPArgumentError) -> Request,
+        act: @escaping @Sendable (Request) throws(QMPCommandError) -> Void
+    ) {
+        table.register(name) { arguments in
+            let request: Request
             do throws(QMPArgumentError) {
-                drive = try QMPHotplug.blockdevAdd(arguments)
+                request = try parse(arguments)
             } catch {
                 return Self.failure(error)
             }
             do throws(QMPCommandError) {
-                try hotplug.blockdevAdd(drive)
+                try act(request)
             } catch {
                 return .failure(error)
             }
             return .success([:])
         }
-        table.register("device_add") { arguments in
-            let request: QMPHotplug.DeviceAdd
-            do throws(QMPArgumentError) {
-                request = try QMPHotplug.deviceAdd(
-                    arguments, diskSlots: VirtioPlan.diskSlots.count, nicSlots: VirtioPlan.nicSlots.count)
-            } catch {
-                return Self.failure(error)
+    }
+
+    static func register(in table: inout QMPCommandTable, hotplug: DeviceHotplug, events: QMPEventSink) {
+        register("blockdev-add", in: &table, parse: QMPHotplug.blockdevAdd) { drive throws(QMPCommandError) in
+            try hotplug.blockdevAdd(drive)
+        }
+        register(
+            "device_add", in: &table,
+            parse: { arguments throws(QMPArgumentError) in
+                try QMPHotplug.deviceAdd(arguments, diskSlots: VirtioPlan.diskSlots.count, nicSlots: VirtioPlan.nicSlots.count)
             }
-            do throws(QMPCommandError) {
-                switch request {
-                case .net(let device): try hotplug.deviceAdd(device)
-                case .block(let device): try hotplug.deviceAdd(device)
-                }
-            } catch {
-                return .failure(error)
+        ) { request throws(QMPCommandError) in
+            switch request {
+            case .net(let device): try hotplug.deviceAdd(device)
+            case .block(let device): try hotplug.deviceAdd(device)
             }
-            return .success([:])
         }
         // StratoVirt emits DEVICE_DELETED (device and path = the id) before device_del's
         // reply: the slot is empty by then. (QEMU waits for the guest to acknowledge; a
         // virtio-mmio slot has no way to ask the guest.)
-        table.register("device_del") { arguments in
-            let id: String
-            do throws(QMPArgumentError) {
-                id = try QMPHotplug.name(arguments, key: "id")
-            } catch {
-                return Self.failure(error)
-            }
-            guard hotplug.deviceDel(id) else { return .failure(QMPCommandError(.deviceNotFound, "Device '\(id)' not found")) }
+        register("device_del", in: &table, parse: { arguments throws(QMPArgumentError) in try QMPHotplug.name(arguments, key: "id") }) {
+            id throws(QMPCommandError) in
+            guard hotplug.deviceDel(id) else { throw QMPCommandError(.deviceNotFound, "Device '\(id)' not found") }
             events.emit("DEVICE_DELETED", data: ["device": .string(id), "path": .string(id)])
-            return .success([:])
         }
-        table.register("blockdev-del") { arguments in
-            let name: String
-            do throws(QMPArgumentError) {
-                name = try QMPHotplug.name(arguments, key: "node-name")
-            } catch {
-                return Self.failure(error)
-            }
-            do throws(QMPCommandError) {
-                try hotplug.blockdevDel(name)
-            } catch {
-                return .failure(error)
-            }
-            return .success([:])
-        }
+        register(
+            "blockdev-del", in: &table,
+            parse: { arguments throws(QMPArgumentError) in try QMPHotplug.name(arguments, key: "node-name") }
+        ) { name throws(QMPCommandError) in try hotplug.blockdevDel(name) }
         registerNet(in: &table, hotplug: hotplug)
         table.registerWithoutArguments("query-block") { .success(hotplug.queryBlock()) }
         table.registerWithoutArguments("query-named-block-nodes") { .success(hotplug.queryNamedBlockNodes()) }

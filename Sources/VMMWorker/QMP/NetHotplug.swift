@@ -84,33 +84,11 @@ extension DeviceHotplug {
 
 extension HotplugCommands {
     static func registerNet(in table: inout QMPCommandTable, hotplug: DeviceHotplug) {
-        table.register("netdev_add") { arguments in
-            let netdev: QMPHotplug.Netdev
-            do throws(QMPArgumentError) {
-                netdev = try QMPHotplug.netdevAdd(arguments)
-            } catch {
-                return Self.failure(error)
-            }
-            do throws(QMPCommandError) {
-                try hotplug.netdevAdd(netdev)
-            } catch {
-                return .failure(error)
-            }
-            return .success([:])
+        register("netdev_add", in: &table, parse: QMPHotplug.netdevAdd) { netdev throws(QMPCommandError) in
+            try hotplug.netdevAdd(netdev)
         }
-        table.register("netdev_del") { arguments in
-            let id: String
-            do throws(QMPArgumentError) {
-                id = try QMPHotplug.name(arguments, key: "id")
-            } catch {
-                return Self.failure(error)
-            }
-            do throws(QMPCommandError) {
-                try hotplug.netdevDel(id)
-            } catch {
-                return .failure(error)
-            }
-            return .success([:])
+        register("netdev_del", in: &table, parse: { arguments throws(QMPArgumentError) in try QMPHotplug.name(arguments, key: "id") }) {
+            id throws(QMPCommandError) in try hotplug.netdevDel(id)
         }
     }
 }
