@@ -27,11 +27,6 @@ struct BlockHotplugTests {
         return flock(fd, LOCK_EX | LOCK_NB) == 0
     }
 
-    static func error(_ reply: JSONObject) -> (String?, String?) {
-        let error = reply["error"]?.objectValue
-        return (error?["class"]?.stringValue, error?["desc"]?.stringValue)
-    }
-
     /// The guest's fact line for a disk at slot `slot` with this serial and CRC.
     static func diskFact(slot: Int, serial: String, crc: String, sectors: Int) -> String {
         "fact device virtio-blk base=0x\(String(0xd000_0000 + 0x1000 * slot, radix: 16)) irq=\(5 + slot) capacity=\(sectors) serial=\(serial) ro=0 crc32=\(crc)"
@@ -87,30 +82,30 @@ struct BlockHotplugTests {
 
         // Errors, QEMU-shaped.
         #expect(
-            Self.error(
+            qmpError(
                 try qmp.execute(
                     "blockdev-add", arguments: ["node-name": "hp1", "file": ["driver": "file", "filename": .string(hot.path)]]))
                 == ("GenericError", "Duplicate nodes with node-name='hp1'"))
         #expect(
-            Self.error(try qmp.execute("device_add", arguments: ["id": "hp1", "driver": "virtio-blk-mmio", "drive": "hp1"]))
+            qmpError(try qmp.execute("device_add", arguments: ["id": "hp1", "driver": "virtio-blk-mmio", "drive": "hp1"]))
                 == ("GenericError", "Duplicate ID 'hp1' for device"))
         #expect(
-            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-blk-mmio", "drive": "nope"]))
+            qmpError(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-blk-mmio", "drive": "nope"]))
                 == ("GenericError", "Property 'virtio-blk-device.drive' can't find value 'nope'"))
         #expect(
-            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-scsi-mmio"]))
+            qmpError(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-scsi-mmio"]))
                 == ("GenericError", "'virtio-scsi-mmio' is not a valid device model name"))
         #expect(
-            Self.error(try qmp.execute("device_del", arguments: ["id": "nope"])) == ("DeviceNotFound", "Device 'nope' not found"))
+            qmpError(try qmp.execute("device_del", arguments: ["id": "nope"])) == ("DeviceNotFound", "Device 'nope' not found"))
         #expect(
-            Self.error(try qmp.execute("blockdev-del", arguments: ["node-name": "hp1"]))
+            qmpError(try qmp.execute("blockdev-del", arguments: ["node-name": "hp1"]))
                 == ("GenericError", "Node hp1 is in use by device 'hp1'; device_del it first"))
         #expect(
-            Self.error(try qmp.execute("blockdev-del", arguments: ["node-name": "disk0"]))
+            qmpError(try qmp.execute("blockdev-del", arguments: ["node-name": "disk0"]))
                 == ("GenericError", "Node disk0 is in use by device 'disk0'; device_del it first"))
         // A missing image: the same message -drive gives at start-up.
         let missing = directory.file("missing.img")
-        let (missingClass, missingText) = Self.error(
+        let (missingClass, missingText) = qmpError(
             try qmp.execute("blockdev-add", arguments: ["node-name": "gone", "file": ["driver": "file", "filename": .string(missing)]]))
         #expect(missingClass == "GenericError")
         let startup = try run(vmm, ["-kernel", GuestImages.vmlinux, "-drive", "id=gone,file=\(missing)"], timeout: 60)
@@ -133,9 +128,9 @@ struct BlockHotplugTests {
             try qmp.execute("device_add", arguments: ["id": "d2", "driver": "virtio-blk-mmio", "drive": "x0", "iothread": "io1"])["return"]
                 == [:])
         #expect(
-            Self.error(try qmp.execute("device_add", arguments: ["id": "d4", "driver": "virtio-blk-mmio", "drive": "x2", "addr": "0x3"]))
+            qmpError(try qmp.execute("device_add", arguments: ["id": "d4", "driver": "virtio-blk-mmio", "drive": "x2", "addr": "0x3"]))
                 == ("GenericError", "The slot 3 is occupied already."))
-        let (fifthClass, fifthText) = Self.error(
+        let (fifthClass, fifthText) = qmpError(
             try qmp.execute("device_add", arguments: ["id": "d4", "driver": "virtio-blk-mmio", "drive": "x2"]))
         #expect(fifthClass == "GenericError" && fifthText?.hasPrefix("A maximum of 4 block replaceable devices are supported") == true)
         #expect(process.waitForOutput(Self.diskFact(slot: 3, serial: "", crc: extra[1].crc, sectors: 256), timeout: 60))
@@ -176,7 +171,7 @@ struct BlockHotplugTests {
         #expect(process.waitForOutput("fact device-removed base=0xd0000000", timeout: 60), "\(process.standardOutput)")
         #expect(Self.unlocked(cold.path))
         #expect(
-            Self.error(try qmp.execute("blockdev-del", arguments: ["node-name": "disk0"]))
+            qmpError(try qmp.execute("blockdev-del", arguments: ["node-name": "disk0"]))
                 == ("GenericError", "Failed to find node with node-name='disk0'"))
         let nodes = try #require(try qmp.execute("query-named-block-nodes")["return"]?.arrayValue)
         #expect(nodes.compactMap { $0.objectValue?["node-name"]?.stringValue } == ["x0", "x1", "x2"])

@@ -17,10 +17,6 @@ import Testing
 struct NetHotplugTests {
     let vmm = Executables.path("flotilla-vmm")
 
-    static func error(_ reply: JSONObject) -> (String?, String?) {
-        BlockHotplugTests.error(reply)
-    }
-
     /// Whether a process has the tap attached: the kernel shows a tap with no queue attached as
     /// NO-CARRIER (and LOWER_UP once one is).
     static func attached(_ namespace: NetworkNamespace, _ tap: String) throws -> Bool {
@@ -90,11 +86,11 @@ struct NetHotplugTests {
 
         // While the NIC has the tap, a second netdev on it cannot be attached (the tap has one queue).
         #expect(try qmp.execute("netdev_add", arguments: ["id": "again", "ifname": "flhp0", "type": "tap"])["return"] == [:])
-        let (busyClass, busyText) = Self.error(
+        let (busyClass, busyText) = qmpError(
             try qmp.execute("device_add", arguments: ["id": "nic1", "driver": "virtio-net-device", "netdev": "again"]))
         #expect(busyClass == "GenericError" && busyText?.contains("cannot attach to tap 'flhp0': TUNSETIFF") == true, "\(busyText ?? "")")
         #expect(
-            Self.error(try qmp.execute("netdev_del", arguments: ["id": "net-0"]))
+            qmpError(try qmp.execute("netdev_del", arguments: ["id": "net-0"]))
                 == ("GenericError", "Netdev 'net-0' is in use by device 'net-0'; device_del it first"))
 
         // device_del: DEVICE_DELETED before the reply; the guest sees the slot empty; the tap is free.
@@ -106,7 +102,7 @@ struct NetHotplugTests {
         #expect(!(try Self.attached(namespace, "flhp0")), "device_del closes the tap")
         #expect(try qmp.execute("netdev_del", arguments: ["id": "net-0"])["return"] == [:])
         #expect(
-            Self.error(try qmp.execute("netdev_del", arguments: ["id": "net-0"])) == ("DeviceNotFound", "Device 'net-0' not found"))
+            qmpError(try qmp.execute("netdev_del", arguments: ["id": "net-0"])) == ("DeviceNotFound", "Device 'net-0' not found"))
 
         // Re-plug the same tap through the other netdev, into NIC slot 0x1 (slot 5, IRQ 10),
         // with the default MAC; the guest drives it and pings again.
@@ -160,16 +156,16 @@ struct NetHotplugTests {
 
         #expect(try qmp.execute("netdev_add", arguments: ["id": "h1", "ifname": "flhpd"])["return"] == [:])
         #expect(
-            Self.error(try qmp.execute("netdev_add", arguments: ["id": "h1", "ifname": "flhpe"]))
+            qmpError(try qmp.execute("netdev_add", arguments: ["id": "h1", "ifname": "flhpe"]))
                 == ("GenericError", "Duplicate ID 'h1' for netdev"))
         #expect(
-            Self.error(try qmp.execute("netdev_add", arguments: ["id": "cold", "ifname": "flhpe"]))
+            qmpError(try qmp.execute("netdev_add", arguments: ["id": "cold", "ifname": "flhpe"]))
                 == ("GenericError", "Duplicate ID 'cold' for netdev"))
         #expect(
-            Self.error(try qmp.execute("netdev_add", arguments: ["id": "x", "ifname": "flhpe", "type": "user"]))
+            qmpError(try qmp.execute("netdev_add", arguments: ["id": "x", "ifname": "flhpe", "type": "user"]))
                 == ("GenericError", "Parameter 'type' value 'user' is not supported on a MicroVm; allowed: 'tap'"))
         // A missing tap: the words -netdev gives at start-up, and no interface is created.
-        let (missingClass, missingText) = Self.error(try qmp.execute("netdev_add", arguments: ["id": "gone", "ifname": "flhpnone"]))
+        let (missingClass, missingText) = qmpError(try qmp.execute("netdev_add", arguments: ["id": "gone", "ifname": "flhpnone"]))
         #expect(missingClass == "GenericError")
         let startup = try run(
             namespace.ip, namespace.vmmArguments(vmm, ["-kernel", GuestImages.vmlinux, "-netdev", "id=gone,netdev=flhpnone"]),
@@ -180,32 +176,32 @@ struct NetHotplugTests {
         #expect(!(try namespace.command(["-n", namespace.name, "-o", "link", "show"]).contains("flhpnone")))
 
         #expect(
-            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "nope"]))
+            qmpError(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "nope"]))
                 == ("GenericError", "Property 'virtio-net-device.netdev' can't find value 'nope'"))
         #expect(
-            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "cold"]))
+            qmpError(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "cold"]))
                 == ("GenericError", "Property 'virtio-net-device.netdev' can't take value 'cold', it's in use"))
         // Device ids are one space across disks and NICs.
         for taken in ["cold", "disk0"] {
             #expect(
-                Self.error(try qmp.execute("device_add", arguments: ["id": .string(taken), "driver": "virtio-net-mmio", "netdev": "h1"]))
+                qmpError(try qmp.execute("device_add", arguments: ["id": .string(taken), "driver": "virtio-net-mmio", "netdev": "h1"]))
                     == ("GenericError", "Duplicate ID '\(taken)' for device"))
         }
         #expect(
-            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "h1", "addr": "0x0"]))
+            qmpError(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "h1", "addr": "0x0"]))
                 == ("GenericError", "The slot 0 is occupied already."))
-        let (threadClass, threadText) = Self.error(
+        let (threadClass, threadText) = qmpError(
             try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "h1", "iothread": "none"]))
         #expect(threadClass == "GenericError" && threadText?.hasPrefix("iothread 'none' names no configured iothread") == true)
         #expect(
-            Self.error(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "h1", "drive": "d"]))
+            qmpError(try qmp.execute("device_add", arguments: ["id": "x", "driver": "virtio-net-mmio", "netdev": "h1", "drive": "d"]))
                 == ("GenericError", "Property 'virtio-net-mmio.drive' not found"))
 
         // The first free NIC slot is 0x1; then both are taken (the cold NIC counts) and a third NIC has none.
         #expect(try qmp.execute("device_add", arguments: ["id": "h1", "driver": "virtio-net-mmio"])["return"] == [:])
         #expect(process.waitForOutput("fact device virtio-net base=0xd0005000 irq=10 nic=1", timeout: 60), "\(process.standardOutput)")
         #expect(try qmp.execute("netdev_add", arguments: ["id": "h2", "ifname": "flhpe"])["return"] == [:])
-        let (fullClass, fullText) = Self.error(
+        let (fullClass, fullText) = qmpError(
             try qmp.execute("device_add", arguments: ["id": "h2", "driver": "virtio-net-mmio"]))
         #expect(fullClass == "GenericError" && fullText?.hasPrefix("A maximum of 2 net replaceable devices are supported") == true)
         #expect(!(try Self.attached(namespace, "flhpe")), "a refused device_add leaves the tap alone")
@@ -215,7 +211,7 @@ struct NetHotplugTests {
         #expect(try qmp.execute("device_del", arguments: ["id": "cold"])["return"] == [:])
         #expect(process.waitForOutput("fact device-removed base=0xd0004000 irq=9 device_id=1", timeout: 60), "\(process.standardOutput)")
         #expect(!(try Self.attached(namespace, "flhpc")))
-        #expect(Self.error(try qmp.execute("netdev_del", arguments: ["id": "cold"])) == ("DeviceNotFound", "Device 'cold' not found"))
+        #expect(qmpError(try qmp.execute("netdev_del", arguments: ["id": "cold"])) == ("DeviceNotFound", "Device 'cold' not found"))
         // Its slot takes the waiting NIC.
         #expect(try qmp.execute("device_add", arguments: ["id": "h2", "driver": "virtio-net-mmio"])["return"] == [:])
         #expect(process.waitForOutput("fact device virtio-net base=0xd0004000 irq=9 nic=2", timeout: 60), "\(process.standardOutput)")

@@ -106,3 +106,10 @@ public final class QMPTestClient {
         }
     }
 }
+
+/// A QMP reply's error class and description (both nil for a `return`), for comparing with
+/// the pair QEMU would give.
+public func qmpError(_ reply: JSONObject) -> (String?, String?) {
+    let error = reply["error"]?.objectValue
+    return (error?["class"]?.stringValue, error?["desc"]?.stringValue)
+}
