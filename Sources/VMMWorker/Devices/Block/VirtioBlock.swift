@@ -78,13 +78,7 @@ public final class VirtioBlockDevice: VirtioDevice {
     }
 
     public func readConfig(offset: UInt64, length: Int) -> UInt64 {
-        var value: UInt64 = 0
-        for i in 0..<length {
-            let at = offset &+ UInt64(i)
-            guard at < UInt64(config.count) else { break }
-            value |= UInt64(config[Int(at)]) << (8 * UInt64(i))
-        }
-        return value
+        Virtio.readConfig(config, offset: offset, length: length)
     }
 
     /// Every field this device offers is read-only (no CONFIG_WCE).

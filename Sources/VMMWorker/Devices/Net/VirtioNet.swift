@@ -120,14 +120,7 @@ public final class VirtioNetDevice: VirtioDevice {
 
     /// struct virtio_net_config (§5.1.4): mac[6], status (LINK_UP), max_virtqueue_pairs (1).
     public func readConfig(offset: UInt64, length: Int) -> UInt64 {
-        let bytes = mac.array + [UInt8(Self.linkUp), 0, 1, 0]
-        var value: UInt64 = 0
-        for i in 0..<length {
-            let at = offset &+ UInt64(i)
-            guard at < UInt64(bytes.count) else { break }
-            value |= UInt64(bytes[Int(at)]) << (8 * UInt64(i))
-        }
-        return value
+        Virtio.readConfig(mac.array + [UInt8(Self.linkUp), 0, 1, 0], offset: offset, length: length)
     }
 
     /// §5.1.4: without VIRTIO_NET_F_CTRL_MAC_ADDR the driver does not write the config.

@@ -79,3 +79,18 @@ public enum Virtio {
     /// VendorID of Flotilla's devices: "FLTL" as a little-endian u32.
     public static let vendorID: UInt32 = 0x4c54_4c46
 }
+
+extension Virtio {
+    /// A driver's read of `length` bytes at `offset` from a configuration space laid out in
+    /// `bytes`, little-endian (§4.2.2: device-specific configuration); bytes past the end
+    /// read as 0.
+    static func readConfig(_ bytes: [UInt8], offset: UInt64, length: Int) -> UInt64 {
+        var value: UInt64 = 0
+        for i in 0..<length {
+            let at = offset &+ UInt64(i)
+            guard at < UInt64(bytes.count) else { break }
+            value |= UInt64(bytes[Int(at)]) << (8 * UInt64(i))
+        }
+        return value
+    }
+}
