@@ -267,6 +267,17 @@ let verbose = getenv("DEVICE_FUZZ_VERBOSE") != nil
 
 func runCase(_ c: DeviceCase) {
     let memory = c.memory
+    // In the large RAM the window's end is not RAM's: rings running past it would hold bytes
+    // the input never placed (and the harness does not reset). Only the small RAM tests rings
+    // at the end of RAM.
+    let end = windowBase + windowSize
+    let layout = c.layout
+    if memory === largeMemory
+        && (layout.descriptorTable + layout.descriptorTableBytes > end || layout.availableRing + layout.availableRingBytes > end
+            || layout.usedRing + layout.usedRingBytes > end)
+    {
+        return
+    }
     c.write()
     let h = Harness(c)
     let queues = c.kind.queues

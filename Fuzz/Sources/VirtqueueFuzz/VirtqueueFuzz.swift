@@ -6,7 +6,9 @@ import Glibc
 //
 // One input is one driver's queue: its size, where its rings are, the descriptor table, the
 // avail ring and a blob of extra guest bytes (indirect tables), all written into crafted
-// guest memory. The target then drives the queue the way VirtioQueueRunner.run does: take
+// guest memory. (DeviceFuzz runs the real VirtioQueueRunner and every device's handler; this
+// target is the differential test of the walker itself, including layouts the transport
+// refuses.) The target then drives the queue the way VirtioQueueRunner.run does: take
 // every available chain with next(into:) (one DescriptorChain reused), complete each one on
 // the used ring (a malformed chain with 0 bytes), rearm EVENT_IDX notification, decide the
 // interrupt, and optionally do a second batch after the driver publishes more. Invariants
