@@ -17,7 +17,7 @@ import Protocol
 //   0); nothing outside guest RAM is touched (GuestMemory's checks, PROT_NONE guard pages);
 // - a layout the transport refuses activates nothing and sets DEVICE_NEEDS_RESET;
 // - the used idx never passes the avail idx the driver published, and a device that never
-//   waits for the host (blk, rng, net transmit, console transmit once the port has room,
+//   waits for the host (blk, rng, net transmit, console transmit into a port with room,
 //   balloon) uses every available chain; DEVICE_NEEDS_RESET is set exactly when the ring
 //   itself is broken (an avail idx more than Queue Size ahead, a head beyond Queue Size)
 //   — for the waiting devices, only then;
@@ -185,7 +185,10 @@ final class Harness {
             if c.variant { consolePort.state.withLock { $0.room = Int(c.param) } }
             port = consolePort
             device = VirtioConsoleDevice(id: "con0", port: consolePort, memory: memory, loop: loop)
-            neverWaits = c.kind == .consoleTransmit
+            // A port short of room holds transmit chains back (untaken): a driver that moves avail
+            // idx meanwhile may then look right to the device again, so only an unlimited port
+            // is held to using every chain.
+            neverWaits = c.kind == .consoleTransmit && !c.variant
         case .balloonInflate, .balloonDeflate:
             let balloon = VirtioBalloonDevice(balloon: BalloonConfig(deflateOnOOM: c.param & 1 != 0), memory: memory, loop: loop)
             balloon.observeActual { _ in }
