@@ -105,57 +105,66 @@ struct LinuxBoot: Sendable {
         ("panic", "Kernel panic - not syncing"),
     ]
 
-    /// Boots `plan` under flotilla-vmm, with the serial port on its standard output.
-    static func boot(_ plan: LinuxBootPlan) throws -> LinuxBoot {
+    /// Boots `plan` under flotilla-vmm, with the serial port on its standard output. In
+    /// `whileRunning` the test works with the running VM first (QMP, sockets, waiting for
+    /// serial output through ``RunningBoot/waitForSerial(_:)``) and usually ends it; the boot
+    /// is then watched to its end as usual. An error it throws kills the VM, and comes back with
+    /// the boot's tail once the logs are kept.
+    static func boot(_ plan: LinuxBootPlan, whileRunning: (RunningBoot) throws -> Void = { _ in }) throws -> LinuxBoot {
         let kernel = try LinuxKernel.image(plan.format)
-        let start = Date()
         let vmm = Executables.path("flotilla-vmm")
         let arguments = plan.vmmArguments(kernel: kernel)
         let process =
             try plan.namespace.map { try BackgroundProcess($0.ip, $0.vmmArguments(vmm, arguments)) }
             ?? BackgroundProcess(vmm, arguments)
-        var reached: [String: Double] = [:]
-        let deadline = start.addingTimeInterval(plan.timeout)
-        var lastLength = 0
-        var lastOutput = Date()
-        while process.isRunning && Date() < deadline && Date().timeIntervalSince(lastOutput) < plan.stallTimeout {
-            let output = process.standardOutput
-            let now = Date().timeIntervalSince(start)
-            if output.utf8.count != lastLength {
-                lastLength = output.utf8.count
-                lastOutput = Date()
-            }
-            for marker in milestoneMarkers where reached[marker.name] == nil && output.contains(marker.text) {
-                reached[marker.name] = now
-            }
+        let running = RunningBoot(plan: plan, process: process)
+        var failure: (any Error)?
+        do {
+            try whileRunning(running)
+        } catch {
+            failure = error
+            process.signal(SIGKILL)
+        }
+        while running.poll() {
             usleep(20_000)
         }
         let timedOut = process.isRunning
         let status = process.wait(timeout: 0)
-        let seconds = Date().timeIntervalSince(start)
+        let seconds = Date().timeIntervalSince(running.start)
         let output = process.standardOutput
-        for marker in milestoneMarkers where reached[marker.name] == nil && output.contains(marker.text) {
-            reached[marker.name] = seconds
+        for marker in milestoneMarkers where running.reached[marker.name] == nil && output.contains(marker.text) {
+            running.reached[marker.name] = seconds
         }
         let milestones =
-            milestoneMarkers.compactMap { marker in reached[marker.name].map { (marker.name, $0) } } + [("end", seconds)]
+            milestoneMarkers.compactMap { marker in running.reached[marker.name].map { (marker.name, $0) } } + [("end", seconds)]
         let boot = LinuxBoot(
             plan: plan, status: status, timedOut: timedOut, log: KernelLog(output), standardError: process.standardError, seconds: seconds,
             milestones: milestones)
         boot.keep()
+        if let failure { throw LinuxTestError("\(failure)\n\(boot.tail)") }
         return boot
     }
 
     /// Writes the serial log and the VMM's standard error next to each other for inspection,
     /// and prints the milestone times.
     func keep() {
-        let name = "flotilla-linux-\(plan.format.rawValue)-\(plan.vcpus)cpu-\(plan.memoryMiB)M" + (plan.label.map { "-\($0)" } ?? "")
-        let directory = (getenv("FLOTILLA_LINUX_LOG_DIR").map { String(cString: $0) }) ?? NSTemporaryDirectory()
-        try? log.text.write(toFile: directory + "/" + name + ".serial.log", atomically: true, encoding: .utf8)
-        try? standardError.write(toFile: directory + "/" + name + ".stderr.log", atomically: true, encoding: .utf8)
+        keep(log.text, as: "serial")
+        keep(standardError, as: "stderr")
         let times = milestones.map { "\($0.name) \(String(format: "%.1f", $0.seconds)) s" }.joined(separator: ", ")
         print(
-            "Linux boot \(plan.testDescription): \(timedOut ? "killed, " : "")exit \(status); \(times); logs in \(directory)/\(name).*.log")
+            "Linux boot \(plan.testDescription): \(timedOut ? "killed, " : "")exit \(status); \(times); logs in \(Self.logDirectory)/\(logName).*.log"
+        )
+    }
+
+    static var logDirectory: String { (getenv("FLOTILLA_LINUX_LOG_DIR").map { String(cString: $0) }) ?? NSTemporaryDirectory() }
+    var logName: String {
+        "flotilla-linux-\(plan.format.rawValue)-\(plan.vcpus)cpu-\(plan.memoryMiB)M" + (plan.label.map { "-\($0)" } ?? "")
+    }
+
+    /// Keeps `text` (another transcript of this boot, such as a virtio console's) next to the
+    /// serial log, as `<name>.<kind>.log`.
+    func keep(_ text: String, as kind: String) {
+        try? text.write(toFile: Self.logDirectory + "/" + logName + "." + kind + ".log", atomically: true, encoding: .utf8)
     }
 
     /// The last lines of the log and the VMM's messages, for failure messages.
@@ -164,6 +173,54 @@ struct LinuxBoot: Sendable {
             + "exit \(status) after \(String(format: "%.1f", seconds)) s\n--- serial (last 40 lines) ---\n"
             + log.lines.suffix(40).joined(separator: "\n") + "\n--- flotilla-vmm stderr ---\n" + standardError
     }
+}
+
+/// A boot in progress: the flotilla-vmm process and the milestones seen so far. Used on the
+/// test's thread only.
+final class RunningBoot {
+    let plan: LinuxBootPlan
+    let process: BackgroundProcess
+    let start = Date()
+    /// The host time (seconds from `start`) at which each milestone first showed.
+    var reached: [String: Double] = [:]
+    private var lastLength = 0
+    private var lastOutput = Date()
+
+    init(plan: LinuxBootPlan, process: BackgroundProcess) {
+        self.plan = plan
+        self.process = process
+    }
+
+    /// Notes new milestones; false once the VM ended, ran longer than the plan's `timeout`, or
+    /// printed nothing for its `stallTimeout`.
+    func poll() -> Bool {
+        guard process.isRunning else { return false }
+        let output = process.standardOutput
+        let now = Date()
+        if output.utf8.count != lastLength {
+            lastLength = output.utf8.count
+            lastOutput = now
+        }
+        for marker in LinuxBoot.milestoneMarkers where reached[marker.name] == nil && output.contains(marker.text) {
+            reached[marker.name] = now.timeIntervalSince(start)
+        }
+        return now.timeIntervalSince(start) < plan.timeout && now.timeIntervalSince(lastOutput) < plan.stallTimeout
+    }
+
+    /// Waits until the serial output contains `text`; false when the VM ended, stalled or ran
+    /// out of time first, or after `timeout` seconds when given (for a line that is due and
+    /// would otherwise be waited for until the stall timeout of a quiet kernel).
+    func waitForSerial(_ text: String, timeout: Double? = nil) -> Bool {
+        let deadline = timeout.map { Date().addingTimeInterval($0) }
+        while poll() && deadline.map({ Date() < $0 }) != false {
+            if process.standardOutput.contains(text) { return true }
+            usleep(20_000)
+        }
+        return process.standardOutput.contains(text)
+    }
+
+    /// The serial output so far, for failure messages.
+    var serial: KernelLog { KernelLog(process.standardOutput) }
 }
 
 /// The kernel's console output, with the printk timestamps removed.
