@@ -5,12 +5,19 @@ import Glibc
 /// as it arrives.
 public final class BackgroundProcess: @unchecked Sendable {
     // Invariant: `process` is configured before `run()` and only read afterwards; the output
-    // buffers are guarded by `lock`.
+    // is in `collected`, under its lock.
     private let process = Process()
-    private let lock = NSLock()
-    private var output = Data()
-    private var errorOutput = Data()
-    private var readersDone = 0
+    /// What the reader threads fill. They hold this, not the BackgroundProcess: were they to
+    /// hold `self` until the pipes close, a test that fails before ending its process would
+    /// never run `deinit`, and the process (a VM holding forever) would outlive the test run.
+    private final class Collected: @unchecked Sendable {
+        // Invariant: every field is read and written with `lock` held.
+        let lock = NSLock()
+        var output = Data()
+        var errorOutput = Data()
+        var readersDone = 0
+    }
+    private let collected = Collected()
 
     /// Where `write(toStandardInput:)` sends bytes, when the process was started with input.
     private let inputPipe: Pipe?
@@ -30,18 +37,18 @@ public final class BackgroundProcess: @unchecked Sendable {
         }
         try process.run()
         for (pipe, isError) in [(outputPipe, false), (errorPipe, true)] {
-            Thread { [self] in
+            Thread { [collected] in
                 let handle = pipe.fileHandleForReading
                 while true {
                     let chunk = handle.availableData
-                    lock.lock()
+                    collected.lock.lock()
                     if chunk.isEmpty {
-                        readersDone += 1
-                        lock.unlock()
+                        collected.readersDone += 1
+                        collected.lock.unlock()
                         return
                     }
-                    if isError { errorOutput.append(chunk) } else { output.append(chunk) }
-                    lock.unlock()
+                    if isError { collected.errorOutput.append(chunk) } else { collected.output.append(chunk) }
+                    collected.lock.unlock()
                 }
             }.start()
         }
@@ -56,15 +63,15 @@ public final class BackgroundProcess: @unchecked Sendable {
     public var isRunning: Bool { process.isRunning }
 
     public var standardOutput: String {
-        lock.lock()
-        defer { lock.unlock() }
-        return String(decoding: output, as: UTF8.self)
+        collected.lock.lock()
+        defer { collected.lock.unlock() }
+        return String(decoding: collected.output, as: UTF8.self)
     }
 
     public var standardError: String {
-        lock.lock()
-        defer { lock.unlock() }
-        return String(decoding: errorOutput, as: UTF8.self)
+        collected.lock.lock()
+        defer { collected.lock.unlock() }
+        return String(decoding: collected.errorOutput, as: UTF8.self)
     }
 
     /// Waits until standard output contains `text`; false on timeout or exit.
@@ -93,9 +100,9 @@ public final class BackgroundProcess: @unchecked Sendable {
         process.waitUntilExit()
         let readDeadline = Date().addingTimeInterval(2)
         while Date() < readDeadline {
-            lock.lock()
-            let done = readersDone == 2
-            lock.unlock()
+            collected.lock.lock()
+            let done = collected.readersDone == 2
+            collected.lock.unlock()
             if done { break }
             usleep(1000)
         }
