@@ -25,6 +25,16 @@ let package = Package(
             ],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
+        // Host-side virtio-net backend throughput against plain read/write on the same tap.
+        .executableTarget(
+            name: "net-bench",
+            dependencies: [
+                "CBench",
+                .product(name: "VMMWorker", package: "Flotilla"),
+                .product(name: "Protocol", package: "Flotilla"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
         // flotillad's costs: VMs to QMP-ready per second, QMP through the multiplexer vs direct, RSS per VM (issue 5).
         .executableTarget(
             name: "fleet-bench",

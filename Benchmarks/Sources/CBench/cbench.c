@@ -132,3 +132,29 @@ void cb_sleep_us(unsigned us)
 
 #include <stdio.h>
 void cb_line_buffered_stdout(void) { setvbuf(stdout, NULL, _IOLBF, 0); }
+
+#include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
+
+int cb_packet_socket(const char *ifname, int vnet_header)
+{
+	unsigned int index = if_nametoindex(ifname);
+	if (index == 0) return -errno;
+	int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+	if (fd < 0) return -errno;
+	int on = 1;
+	if (vnet_header && setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, &on, sizeof on) < 0) goto fail;
+	if (setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &on, sizeof on) < 0) goto fail;
+	struct sockaddr_ll address;
+	memset(&address, 0, sizeof address);
+	address.sll_family = AF_PACKET;
+	address.sll_ifindex = (int)index;
+	address.sll_protocol = 0;
+	if (bind(fd, (struct sockaddr *)&address, sizeof address) < 0) goto fail;
+	return fd;
+fail:;
+	int saved = errno;
+	close(fd);
+	return -saved;
+}

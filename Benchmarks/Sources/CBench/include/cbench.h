@@ -33,4 +33,10 @@ void cb_sleep_us(unsigned us);
 
 /* Line-buffers stdout (the run script pipes it through tee). */
 void cb_line_buffered_stdout(void);
+
+/* net-bench's frame source: an AF_PACKET raw socket (protocol 0: it receives nothing) bound
+ * to interface `ifname`, with PACKET_VNET_HDR on when `vnet_header` is set (every send then
+ * starts with a 10-byte struct virtio_net_hdr, so GSO frames go to the interface whole), and
+ * PACKET_QDISC_BYPASS (frames go straight to the driver, a tap's queue). fd, or -errno. */
+int cb_packet_socket(const char *ifname, int vnet_header);
 #endif

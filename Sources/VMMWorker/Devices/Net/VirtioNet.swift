@@ -37,8 +37,9 @@ public final class VirtioNetDevice: VirtioDevice {
     public let mac: MACAddress
     public let loop: EventLoop
     let memory: GuestMemory
-    /// The tap, non-blocking, with a 12-byte virtio-net header before every frame.
-    let tapFD: Int32
+    /// The tap, non-blocking, with a 12-byte virtio-net header before every frame (public for
+    /// net-bench, which compares plain reads and writes on the same descriptor).
+    public let tapFD: Int32
     static let scratchSize = 64
 
     public var deviceID: UInt32 { Virtio.DeviceID.network }
