@@ -36,6 +36,10 @@ fail:;
     return -1;
 }
 
+int fl_tap_set_offload(int fd, unsigned int offloads) { return ioctl(fd, TUNSETOFFLOAD, (unsigned long)offloads); }
+
+unsigned long fl_tap_set_offload_request(void) { return TUNSETOFFLOAD; }
+
 int fl_if_query_socket(void) { return socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0); }
 
 unsigned int fl_if_index(int sock, const char *name) {

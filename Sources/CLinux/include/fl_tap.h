@@ -9,6 +9,15 @@
  * failed ("open /dev/net/tun", "TUNSETIFF", ...). */
 int fl_tap_open(const char *name, int vnet_header_size, unsigned int offloads, const char **step);
 
+/* TUNSETOFFLOAD on tap `fd`: which offloads (TUN_F_CSUM 0x01, TUN_F_TSO4 0x02, TUN_F_TSO6 0x04,
+ * TUN_F_TSO_ECN 0x08; the kernel refuses TSO bits without CSUM) the tap may hand to its
+ * reader in the virtio-net header: partial checksums and GSO frames. 0, or -1 with errno. */
+int fl_tap_set_offload(int fd, unsigned int offloads);
+
+/* The TUNSETOFFLOAD request number, for the seccomp filter (offloads follow the driver's
+ * feature negotiation, which happens after the filter is on). */
+unsigned long fl_tap_set_offload_request(void);
+
 /* A datagram socket for interface look-ups (SIOCGIFINDEX), in the caller's network namespace,
  * close-on-exec; -1 with errno set on failure. Created before the seccomp filter goes on, so
  * that QMP netdev_add can look a tap up afterwards without socket(2). */

@@ -41,12 +41,15 @@ enum Seccomp {
     static let hotplugSystemCalls = ["openat", "flock", "eventfd2"]
 
     /// ioctl requests in use after start-up: running vCPUs and raising IRQs, reading vCPU
-    /// state for failure reports, and restoring the terminal.
+    /// state for failure reports, restoring the terminal, and setting a tap's offloads when a
+    /// virtio-net driver's features are known (TUNSETOFFLOAD: it only changes what a tap the
+    /// VMM already holds may hand it).
     static var allowedIoctls: [UInt64] {
         [
             FL_KVM_RUN, FL_KVM_IRQ_LINE, FL_KVM_IOEVENTFD, FL_KVM_IRQFD, FL_KVM_GET_REGS, FL_KVM_GET_SREGS,
             FL_KVM_GET_FPU, FL_KVM_GET_LAPIC, FL_KVM_GET_MP_STATE, FL_KVM_SET_MP_STATE,
             UInt(TCGETS), UInt(TCSETS), UInt(TCSETSW), UInt(TIOCGWINSZ), UInt(fl_blkgetsize64_request()),
+            fl_tap_set_offload_request(),
         ].map { UInt64($0) }
     }
 

@@ -5,8 +5,11 @@ import Synchronization
 
 /// A virtio-net device (virtio 1.2 §5.1) on a host tap device: receive queue 0 is filled with
 /// frames read from the tap, transmit queue 1 is written to it; both processed on `loop` (the
-/// NIC's iothread, or the main loop). One queue pair, no offloads (no CSUM/GSO features, and
-/// the tap's offloads are off), so every frame crosses whole and checksummed.
+/// NIC's iothread, or the main loop). One queue pair. Checksum and TCP segmentation offloads
+/// both ways and mergeable receive buffers are offered: the virtio-net header and the tap's
+/// vnet header have one layout, so the driver's header goes to the tap (checked) and the
+/// tap's to the driver, and the tap is told at activation which offloads the driver took
+/// (TUNSETOFFLOAD), so a driver without GUEST_TSO4 is never handed a TSO frame.
 ///
 /// Sendable: immutable configuration and descriptor; the live queue state is behind a Mutex,
 /// taken by the loop thread while it processes a batch and by vCPU threads on activation and
@@ -14,8 +17,22 @@ import Synchronization
 public final class VirtioNetDevice: VirtioDevice {
     /// Feature bits (§5.1.3).
     public enum Feature {
+        public static let checksum: UInt64 = 1 << 0
+        public static let guestChecksum: UInt64 = 1 << 1
         public static let mac: UInt64 = 1 << 5
+        public static let guestTSO4: UInt64 = 1 << 7
+        public static let guestTSO6: UInt64 = 1 << 8
+        public static let guestECN: UInt64 = 1 << 9
+        public static let hostTSO4: UInt64 = 1 << 11
+        public static let hostTSO6: UInt64 = 1 << 12
+        public static let hostECN: UInt64 = 1 << 13
+        public static let mergeableReceiveBuffers: UInt64 = 1 << 15
         public static let status: UInt64 = 1 << 16
+        /// What this device offers. Not UFO/USO: Linux no longer builds UFO packets, and USO
+        /// (GUEST_USO4/6, HOST_USO) postdates virtio 1.2.
+        public static let offered: UInt64 =
+            checksum | guestChecksum | mac | guestTSO4 | guestTSO6 | guestECN | hostTSO4 | hostTSO6 | hostECN
+            | mergeableReceiveBuffers | status
     }
 
     /// struct virtio_net_hdr (§5.1.6) with num_buffers: 12 bytes whenever VIRTIO_F_VERSION_1
@@ -43,12 +60,12 @@ public final class VirtioNetDevice: VirtioDevice {
     static let scratchSize = 64
 
     public var deviceID: UInt32 { Virtio.DeviceID.network }
-    public var deviceFeatures: UInt64 { Feature.mac | Feature.status }
+    public var deviceFeatures: UInt64 { Feature.offered }
     public var queueMaxSizes: [UInt16] { [Self.queueSize, Self.queueSize] }
 
     struct State {
-        /// Host bytes the handlers use as iovec targets: the all-zero transmit header and the
-        /// receive overflow that detects a frame larger than the chain. Allocated for the
+        /// Host bytes the handlers use as iovec targets: the transmit header and the receive
+        /// overflow that detects a frame larger than the chain. Allocated for the
         /// device's lifetime (the handlers live beside it), freed in deinit.
         let scratch: UnsafeMutableRawPointer
         var receive: VirtioQueueRunner?
@@ -136,6 +153,15 @@ public final class VirtioNetDevice: VirtioDevice {
             state.transmit = try activation.runner(Self.transmitQueue, "transmitq", of: device, loop: loop) {
                 [weak self] in self?.transmit()
             }
+            // The offloads this driver took, in the handlers and the tap (§5.1.3; the tap hands
+            // GSO and partial-checksum frames only to a driver that accepted them).
+            let offloads = NetOffloads(features: activation.features)
+            guard fl_tap_set_offload(tapFD, offloads.tapOffloads) == 0 else {
+                throw DeviceError(.setup, "\(device): TUNSETOFFLOAD on tap '\(tapName)': \(String(cString: strerror(errno)))")
+            }
+            state.receiver.offloads = offloads
+            state.receiver.pendingCount = 0
+            state.transmitter.offloads = offloads
             // Registered with no events; the first receive pass decides.
             state.tapToken = try loop.register(fd: tapFD, events: 0) { [weak self] events in self?.tapReady(events) }
             state.watchingTap = false
@@ -151,6 +177,9 @@ public final class VirtioNetDevice: VirtioDevice {
             state.transmit = nil
             state.tapToken = nil
             state.watchingTap = false
+            // The taken chains go with the queue; the next driver sets its own offloads.
+            state.receiver.pendingCount = 0
+            _ = fl_tap_set_offload(tapFD, 0)
         }
     }
 
@@ -183,7 +212,7 @@ public final class VirtioNetDevice: VirtioDevice {
     /// once it adds buffers, as the drained runner re-armed avail_event (§2.7.10) — resumes.
     public func receive() {
         state.withLock { state in
-            guard let outcome = state.receive?.run(&state.receiver, loop: loop) else { return }
+            guard let outcome = state.receive?.run(serving: &state.receiver, loop: loop) else { return }
             let watch = outcome == .blocked
             if watch != state.watchingTap, let token = state.tapToken {
                 do {
@@ -198,106 +227,323 @@ public final class VirtioNetDevice: VirtioDevice {
     }
 }
 
-/// The receive queue's part (§5.1.6.3, §5.1.6.4): one frame per chain of device-writable
-/// buffers, read from the tap straight into them (the tap writes the 12-byte header first).
-struct NetReceiveHandler: VirtioChainHandler {
+/// struct virtio_net_hdr (§5.1.6), the same 12 bytes as the tap's vnet header (TUNSETVNETHDRSZ
+/// 12: the kernel reads and writes the first 10 and leaves num_buffers alone).
+struct NetHeader: Equatable {
+    /// §5.1.6 flags.
+    static let needsChecksum: UInt8 = 1
+    static let dataValid: UInt8 = 2
+    /// §5.1.6 gso_type values, and the ECN bit that may be or-ed into the TCP ones.
+    static let gsoNone: UInt8 = 0
+    static let gsoTCPv4: UInt8 = 1
+    static let gsoTCPv6: UInt8 = 4
+    static let gsoECN: UInt8 = 0x80
+
+    /// Bytes 0-7 (flags, gso_type, hdr_len, gso_size, csum_start) and 8-11 (csum_offset,
+    /// num_buffers), as little-endian integers.
+    var low: UInt64 = 0
+    var high: UInt32 = 0
+
+    var flags: UInt8 {
+        get { UInt8(truncatingIfNeeded: low) }
+        set { low = low & ~0xff | UInt64(newValue) }
+    }
+    var gsoType: UInt8 { UInt8(truncatingIfNeeded: low >> 8) }
+    var headerLength: Int { Int(UInt16(truncatingIfNeeded: low >> 16)) }
+    var gsoSize: Int { Int(UInt16(truncatingIfNeeded: low >> 32)) }
+    var checksumStart: Int { Int(UInt16(truncatingIfNeeded: low >> 48)) }
+    var checksumOffset: Int { Int(UInt16(truncatingIfNeeded: high)) }
+    var buffers: UInt16 {
+        get { UInt16(truncatingIfNeeded: high >> 16) }
+        set { high = high & 0xffff | UInt32(newValue) << 16 }
+    }
+
+    /// Copies the header out of the first bytes of `segments` (at least 12 bytes long).
+    init<Segments: Collection<GuestSegment>>(from segments: Segments, memory: GuestMemory) {
+        var bytes: (UInt64, UInt32) = (0, 0)
+        withUnsafeMutableBytes(of: &bytes) { header in
+            var done = 0
+            for segment in segments where done < VirtioNetDevice.headerSize {
+                let count = min(Int(segment.length), VirtioNetDevice.headerSize - done)
+                // The walk checked the segment and kept its place in the host mapping.
+                header.baseAddress.map { $0.advanced(by: done).copyMemory(from: memory.base + segment.hostOffset, byteCount: count) }
+                done += count
+            }
+        }
+        low = UInt64(littleEndian: bytes.0)
+        high = UInt32(littleEndian: bytes.1)
+    }
+
+    init() {}
+
+    /// Stores the 12 bytes at `target`.
+    func store(to target: UnsafeMutableRawPointer) {
+        target.storeBytes(of: low.littleEndian, as: UInt64.self)
+        target.storeBytes(of: high.littleEndian, toByteOffset: 8, as: UInt32.self)
+    }
+
+    /// Stores the header over the first bytes of `segments`.
+    func store<Segments: Collection<GuestSegment>>(to segments: Segments, memory: GuestMemory) {
+        var little = (low.littleEndian, high.littleEndian)
+        withUnsafeBytes(of: &little) { header in
+            var done = 0
+            for segment in segments where done < VirtioNetDevice.headerSize {
+                let count = min(Int(segment.length), VirtioNetDevice.headerSize - done)
+                header.baseAddress.map { (memory.base + segment.hostOffset).copyMemory(from: $0.advanced(by: done), byteCount: count) }
+                done += count
+            }
+        }
+    }
+
+    /// Whether a GSO type is one the negotiated features allow (§5.1.6.2, §5.1.6.4: TCPv4 with
+    /// *_TSO4, TCPv6 with *_TSO6, the ECN bit with *_ECN; UDP and USO are not offered).
+    func gsoAllowed(tso4: Bool, tso6: Bool, ecn: Bool) -> Bool {
+        if gsoType & Self.gsoECN != 0 && !ecn { return false }
+        switch gsoType & ~Self.gsoECN {
+        case Self.gsoNone: return gsoType == Self.gsoNone
+        case Self.gsoTCPv4: return tso4
+        case Self.gsoTCPv6: return tso6
+        default: return false
+        }
+    }
+}
+
+/// The offloads a driver accepted (§5.1.3), with the dependencies of §5.1.3.1 applied (a TSO
+/// bit without its CSUM bit, or ECN without TSO, counts as not accepted), and what the tap
+/// is told (TUNSETOFFLOAD, linux/if_tun.h TUN_F_*).
+struct NetOffloads: Equatable {
+    var guestChecksum = false
+    var guestTSO4 = false
+    var guestTSO6 = false
+    var guestECN = false
+    var hostChecksum = false
+    var hostTSO4 = false
+    var hostTSO6 = false
+    var hostECN = false
+    var mergeable = false
+
+    init() {}
+
+    init(features: UInt64) {
+        typealias F = VirtioNetDevice.Feature
+        func has(_ bit: UInt64) -> Bool { features & bit != 0 }
+        guestChecksum = has(F.guestChecksum)
+        guestTSO4 = guestChecksum && has(F.guestTSO4)
+        guestTSO6 = guestChecksum && has(F.guestTSO6)
+        guestECN = (guestTSO4 || guestTSO6) && has(F.guestECN)
+        hostChecksum = has(F.checksum)
+        hostTSO4 = hostChecksum && has(F.hostTSO4)
+        hostTSO6 = hostChecksum && has(F.hostTSO6)
+        hostECN = (hostTSO4 || hostTSO6) && has(F.hostECN)
+        mergeable = has(F.mergeableReceiveBuffers)
+    }
+
+    /// TUN_F_CSUM 0x01, TUN_F_TSO4 0x02, TUN_F_TSO6 0x04, TUN_F_TSO_ECN 0x08: what the tap may
+    /// hand the guest (the receive direction). Transmitted GSO frames need no tap offload.
+    var tapOffloads: UInt32 {
+        (guestChecksum ? 0x01 : 0) | (guestTSO4 ? 0x02 : 0) | (guestTSO6 ? 0x04 : 0) | (guestECN ? 0x08 : 0)
+    }
+
+    /// The largest frame after the header the guest may be handed: a 64 KiB GSO packet with
+    /// its Ethernet and VLAN headers when it takes TSO, else one the tap's MTU allows (which
+    /// we cannot bound here, so the same: a frame too large for the buffers is dropped).
+    static let maxFrame = VirtioNetDevice.maxFrameSize
+}
+
+/// The receive queue's part (§5.1.6.3, §5.1.6.4): frames read from the tap straight into
+/// chains of device-writable buffers, the tap's vnet header first. Without MRG_RXBUF a frame
+/// goes into one chain (big enough for a 64 KiB GSO frame when the driver took GUEST_TSO*,
+/// §5.1.6.3.1); with it, into as many chains as it needs, num_buffers saying how many, all
+/// published together.
+///
+/// Chains are taken into `pending` before the read (with MRG_RXBUF until they hold a
+/// largest frame, or the ring is empty) and stay there, in order, until a frame uses them;
+/// they are the device's until then (§2.7.13), and reset forgets them with the queue.
+struct NetReceiveHandler: VirtioQueueHandler {
     let tapFD: Int32
     let memory: GuestMemory
-    /// A host buffer after the chain's buffers in every read: bytes landing there mean the
+    /// A host buffer after the chains' buffers in every read: bytes landing there mean the
     /// frame did not fit.
     let overflow: iovec
-    var iovecs: [iovec] = []
-    /// Frames given to the guest, and frames dropped (too large for the chain they met).
+    var offloads: NetOffloads
+    var iovecs: [iovec]
+    /// Taken chains waiting for frames: a ring of `pendingCount` from `pendingStart`.
+    var pending: [DescriptorChain]
+    var pendingStart = 0
+    var pendingCount = 0
+    /// Frames given to the guest, and frames dropped (too large for the buffers, or a header
+    /// the driver's features do not allow).
     var frames: UInt64 = 0
     var dropped: UInt64 = 0
-    /// Frames one chain may see dropped before the batch yields (the loop's other work goes
-    /// on; a readable tap brings it back).
-    static let maxDropsPerChain = 16
+    /// Frames one batch may move (or drop) before it yields to the loop's other work.
+    static let framesPerBatch = 256
+    /// The most iovecs a read may use (UIO_MAXIOV), the overflow included.
+    static let maxIovecs = 1024
 
-    init(tapFD: Int32, memory: GuestMemory, overflow: iovec) {
+    init(tapFD: Int32, memory: GuestMemory, overflow: iovec, offloads: NetOffloads = NetOffloads()) {
         self.tapFD = tapFD
         self.memory = memory
         self.overflow = overflow
-        iovecs = Array(repeating: iovec(), count: Int(VirtioNetDevice.queueSize) + 1)
+        self.offloads = offloads
+        iovecs = Array(repeating: iovec(), count: Self.maxIovecs)
+        pending = Array(repeating: DescriptorChain(head: 0), count: Int(VirtioNetDevice.queueSize))
     }
 
-    mutating func handle(_ chain: DescriptorChain, bucket: inout TokenBucket?) -> UInt32? {
-        // §5.1.6.3.1: receive buffers are device-writable, room for the header at least.
-        // Anything else is malformed: returned unused, no frame spent on it.
-        guard chain.readableCount == 0, chain.writableLength >= UInt64(VirtioNetDevice.headerSize) else { return 0 }
-        let capacity = chain.writableLength
-        let count = chain.writableCount
-        let memory = memory
-        let overflow = overflow
-        let tapFD = tapFD
-        let chain = chain
-        for _ in 0..<Self.maxDropsPerChain {
-            let result = iovecs.withUnsafeMutableBufferPointer { vectors -> Int in
-                var index = 0
-                for segment in chain.writable {
-                    // The walk checked the segment and kept its place in the host mapping.
-                    vectors[index] = iovec(iov_base: memory.base + segment.hostOffset, iov_len: Int(segment.length))
-                    index += 1
-                }
-                vectors[index] = overflow
-                return readv(tapFD, vectors.baseAddress, Int32(count + 1))
+    /// Writable bytes of the pending chains.
+    var pendingCapacity: UInt64 {
+        var total: UInt64 = 0
+        for i in 0..<pendingCount { total += pending[(pendingStart + i) % pending.count].writableLength }
+        return total
+    }
+
+    /// Takes chains into `pending`: one when empty, and with MRG_RXBUF more until they hold a
+    /// largest frame. Malformed chains (§5.1.6.3.1: device-writable only, room for the header
+    /// at least — every buffer with MRG_RXBUF) are returned unused.
+    mutating func gather(_ queue: inout SplitVirtqueue) throws(VirtqueueError) {
+        let want = UInt64(VirtioNetDevice.headerSize + NetOffloads.maxFrame)
+        var capacity = pendingCapacity
+        while pendingCount < pending.count && (pendingCount == 0 || (offloads.mergeable && capacity < want)) {
+            let slot = (pendingStart + pendingCount) % pending.count
+            do {
+                guard try queue.next(into: &pending[slot]) else { return }
+            } catch {
+                guard case .chain(let head) = error.kind else { throw error }
+                try queue.complete(head: head, written: 0)
+                continue
             }
-            if result < 0 {
-                switch errno {
-                case EINTR: continue
-                case EAGAIN: return nil
-                default:
-                    // The tap dropped a frame it could not place (or is failing): count it and
-                    // wait for the next readiness rather than spin.
-                    dropped &+= 1
-                    return nil
+            let chain = pending[slot]
+            guard chain.readableCount == 0, chain.writableLength >= UInt64(VirtioNetDevice.headerSize) else {
+                try queue.complete(head: chain.head, written: 0)
+                continue
+            }
+            pendingCount += 1
+            capacity += chain.writableLength
+        }
+    }
+
+    mutating func serve(_ queue: inout SplitVirtqueue) throws(VirtqueueError) -> VirtioQueueRunner.Outcome {
+        for _ in 0..<Self.framesPerBatch {
+            try gather(&queue)
+            if pendingCount == 0 {
+                // Nothing to receive into: ask for a kick when the driver adds buffers.
+                if try queue.rearmNotification() { continue }
+                return .drained
+            }
+            // The chains this read may fill: the first, and with MRG_RXBUF the following
+            // ones up to a largest frame (or UIO_MAXIOV).
+            let want = UInt64(VirtioNetDevice.headerSize + NetOffloads.maxFrame)
+            let memory = memory
+            var chains = 0
+            var capacity: UInt64 = 0
+            let count = iovecs.withUnsafeMutableBufferPointer { vectors -> Int in
+                var count = 0
+                while chains < pendingCount && (chains == 0 || (offloads.mergeable && capacity < want)) {
+                    let chain = pending[(pendingStart + chains) % pending.count]
+                    guard count + chain.writableCount < Self.maxIovecs else { break }
+                    for segment in chain.writable {
+                        // The walk checked the segment and kept its place in the host mapping.
+                        vectors[count] = iovec(iov_base: memory.base + segment.hostOffset, iov_len: Int(segment.length))
+                        count += 1
+                    }
+                    chains += 1
+                    capacity += chain.writableLength
                 }
+                vectors[count] = overflow
+                return count + 1
+            }
+            let result = readv(tapFD, iovecs, Int32(count))
+            if result < 0 {
+                if errno == EINTR { continue }
+                // EAGAIN: wait for the tap. Anything else: the tap dropped a frame it could
+                // not place, or is failing; count it and wait for the next readiness rather
+                // than spin.
+                if errno != EAGAIN { dropped &+= 1 }
+                return .blocked
             }
             // The tap returns the frame's whole size even when it was cut short.
             guard UInt64(result) <= capacity, result >= VirtioNetDevice.headerSize + VirtioNetDevice.ethernetHeaderSize else {
                 dropped &+= 1
                 continue
             }
-            Self.storeHeader(in: chain, memory: memory)
-            frames &+= 1
-            return UInt32(result)
-        }
-        return nil
-    }
-
-    /// Writes our own header over the tap's: no flags (no GUEST_CSUM, so no DATA_VALID,
-    /// §5.1.6.4.1), GSO_NONE, and num_buffers 1 (§5.1.6.4: one chain per packet without
-    /// MRG_RXBUF; the tap leaves those two bytes untouched).
-    static func storeHeader(in chain: DescriptorChain, memory: GuestMemory) {
-        var done = 0
-        for segment in chain.writable where done < VirtioNetDevice.headerSize {
-            let count = min(Int(segment.length), VirtioNetDevice.headerSize - done)
-            let target = memory.base + segment.hostOffset
-            for i in 0..<count {
-                target.storeBytes(of: done + i == 10 ? 1 : 0, toByteOffset: i, as: UInt8.self)
+            let first = pending[pendingStart]
+            var header = NetHeader(from: first.writable, memory: memory)
+            // §5.1.6.4.1: flags only with GUEST_CSUM (NEEDS_CSUM cannot be honoured without
+            // it: drop; DATA_VALID is only a hint: clear), GSO only as negotiated. The tap
+            // only does otherwise for frames it queued before this driver's offloads were set.
+            if !offloads.guestChecksum {
+                guard header.flags & NetHeader.needsChecksum == 0 else {
+                    dropped &+= 1
+                    continue
+                }
+                header.flags = 0
             }
-            done += count
+            header.flags &= NetHeader.needsChecksum | NetHeader.dataValid
+            guard header.gsoAllowed(tso4: offloads.guestTSO4, tso6: offloads.guestTSO6, ecn: offloads.guestECN) else {
+                dropped &+= 1
+                continue
+            }
+            // The chains the frame used, each completed with what it holds.
+            var left = UInt64(result)
+            var used: UInt16 = 0
+            while left > 0 {
+                let chain = pending[pendingStart]
+                let written = min(left, chain.writableLength)
+                try queue.complete(head: chain.head, written: UInt32(written), publish: false)
+                left -= written
+                used += 1
+                pendingStart = (pendingStart + 1) % pending.count
+                pendingCount -= 1
+            }
+            // §5.1.6.4: num_buffers, 1 without MRG_RXBUF.
+            header.buffers = used
+            header.store(to: first.writable, memory: memory)
+            queue.publishUsed()
+            frames &+= 1
         }
+        return .yielded
     }
 }
 
 /// The transmit queue's part (§5.1.6.2): one frame per chain of device-readable buffers, the
-/// driver's header first. The tap gets our all-zero header (no offloads were offered, so
-/// the driver's may ask for none) followed by the frame, in one writev.
+/// driver's header first. The header is copied out, checked against the negotiated features
+/// and handed to the tap before the frame, in one writev; the kernel validates the rest
+/// (virtio_net_hdr_to_skb) and a write it refuses is a dropped frame.
 struct NetTransmitHandler: VirtioChainHandler {
     let tapFD: Int32
     let memory: GuestMemory
+    /// Host memory for the header handed to the tap (12 bytes).
     let header: iovec
+    var offloads: NetOffloads
     var iovecs: [iovec] = []
-    /// Frames written to the tap, and frames dropped (malformed chains, tap write failures).
+    /// Frames written to the tap, and frames dropped (malformed chains or headers, tap write
+    /// failures).
     var frames: UInt64 = 0
     var dropped: UInt64 = 0
 
-    init(tapFD: Int32, memory: GuestMemory, header: iovec) {
+    init(tapFD: Int32, memory: GuestMemory, header: iovec, offloads: NetOffloads = NetOffloads()) {
         self.tapFD = tapFD
         self.memory = memory
         self.header = header
+        self.offloads = offloads
         iovecs = Array(repeating: iovec(), count: Int(VirtioNetDevice.queueSize) + 1)
+    }
+
+    /// The header to hand the tap, or nil when the frame must be dropped: NEEDS_CSUM only
+    /// with CSUM, and its checksum field inside the frame; GSO types only as negotiated, with
+    /// an MSS and a header length inside the frame (§5.1.6.2). Unknown flag bits are
+    /// cleared; num_buffers, which the driver leaves 0 on transmit, is not passed on.
+    func checked(_ header: NetHeader, frameLength: Int) -> NetHeader? {
+        var header = header
+        header.flags &= NetHeader.needsChecksum
+        header.buffers = 0
+        if header.flags & NetHeader.needsChecksum != 0 {
+            guard offloads.hostChecksum, header.checksumStart + header.checksumOffset + 2 <= frameLength else { return nil }
+        }
+        guard header.gsoAllowed(tso4: offloads.hostTSO4, tso6: offloads.hostTSO6, ecn: offloads.hostECN) else { return nil }
+        if header.gsoType != NetHeader.gsoNone {
+            guard header.gsoSize > 0, header.headerLength <= frameLength else { return nil }
+        }
+        return header
     }
 
     mutating func handle(_ chain: DescriptorChain, bucket: inout TokenBucket?) -> UInt32? {
@@ -305,13 +551,16 @@ struct NetTransmitHandler: VirtioChainHandler {
         // §5.1.6.2: transmit buffers are device-readable only; a frame needs its Ethernet
         // header and fits one tap write. Anything else is dropped (used with 0 bytes written).
         guard chain.writableCount == 0, chain.readableLength >= headerSize + UInt64(VirtioNetDevice.ethernetHeaderSize),
-            chain.readableLength - headerSize <= UInt64(VirtioNetDevice.maxFrameSize)
+            chain.readableLength - headerSize <= UInt64(VirtioNetDevice.maxFrameSize),
+            let tapHeader = checked(
+                NetHeader(from: chain.readable, memory: memory), frameLength: Int(chain.readableLength - headerSize))
         else {
             dropped &+= 1
             return 0
         }
-        let memory = memory
         let header = header
+        header.iov_base.map { tapHeader.store(to: $0) }
+        let memory = memory
         let tapFD = tapFD
         let chain = chain
         let result = iovecs.withUnsafeMutableBufferPointer { vectors -> Int in

@@ -15,6 +15,17 @@ protocol VirtioChainHandler {
     mutating func handle(_ chain: DescriptorChain, bucket: inout TokenBucket?) -> UInt32?
 }
 
+/// The per-queue part of a device that takes chains itself, several per request: virtio-net
+/// receive with MRG_RXBUF, where one packet fills as many chains as it needs and they are
+/// published together (virtio 1.2 §5.1.6.4), and chains may stay taken between batches.
+protocol VirtioQueueHandler {
+    /// One batch: takes chains from `queue` and completes them. Returns `.drained` after
+    /// ``SplitVirtqueue/rearmNotification()`` found the ring empty, `.blocked` when it waits
+    /// for host data, `.yielded` after a bounded amount of work (the runner schedules the
+    /// rest); a thrown `.queue` error breaks the queue.
+    mutating func serve(_ queue: inout SplitVirtqueue) throws(VirtqueueError) -> VirtioQueueRunner.Outcome
+}
+
 extension VirtioChainHandler {
     func throttle(_ bucket: inout TokenBucket) -> UInt64 { bucket.wait() }
 }
@@ -108,6 +119,24 @@ struct VirtioQueueRunner: Sendable {
     mutating func run<Handler: VirtioChainHandler>(_ handler: inout Handler, loop: EventLoop) -> Outcome {
         guard !broken else { return .broken }
         let outcome = serve(&handler, loop: loop)
+        if queue.needsInterrupt() { interrupt.signal(Virtio.Interrupt.usedBuffer) }
+        return outcome
+    }
+
+    /// ``run(_:loop:)`` for a handler that takes chains itself; one interrupt at the end if
+    /// the driver wants one.
+    @inline(__always)
+    mutating func run<Handler: VirtioQueueHandler>(serving handler: inout Handler, loop: EventLoop) -> Outcome {
+        guard !broken else { return .broken }
+        var outcome: Outcome
+        do {
+            outcome = try handler.serve(&queue)
+        } catch {
+            broken = true
+            interrupt.markNeedsReset()
+            outcome = .broken
+        }
+        if outcome == .yielded { loop.execute(process) }
         if queue.needsInterrupt() { interrupt.signal(Virtio.Interrupt.usedBuffer) }
         return outcome
     }

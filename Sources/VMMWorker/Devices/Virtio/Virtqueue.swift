@@ -350,16 +350,24 @@ public struct SplitVirtqueue: Sendable {
     }
 
     /// Puts `head` on the used ring with `written` bytes written to its device-writable
-    /// buffers (§2.7.8) and publishes the new used idx.
-    public mutating func complete(head: UInt16, written: UInt32) throws(VirtqueueError) {
+    /// buffers (§2.7.8) and publishes the new used idx; with `publish` false the idx stays
+    /// unpublished until ``publishUsed()``, so several elements appear to the driver at once
+    /// (virtio-net MRG_RXBUF: the buffers of one packet, §5.1.6.4).
+    public mutating func complete(head: UInt16, written: UInt32, publish: Bool = true) throws(VirtqueueError) {
         guard let rings else { throw VirtqueueError(kind: .queue, reason: "used ring unwritable") }
         // slot < size: inside the checked ring.
         let element = rings.used + 4 + 8 * slot(usedIndex)
         store(UInt32(head), element)
         store(written, element + 4)
-        // Release: the element must be visible before the idx that publishes it.
-        atomicMemoryFence(ordering: .releasing)
         usedIndex &+= 1
+        if publish { publishUsed() }
+    }
+
+    /// Publishes the used elements completed so far (the used idx).
+    public mutating func publishUsed() {
+        guard let rings else { return }
+        // Release: the elements must be visible before the idx that publishes them.
+        atomicMemoryFence(ordering: .releasing)
         store(usedIndex, rings.used + 2)
     }
 
