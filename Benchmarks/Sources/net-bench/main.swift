@@ -221,13 +221,17 @@ guard packetSocket >= 0, gsoPacketSocket >= 0 else { fail("AF_PACKET socket on \
             bytes += Int(length)
         }
         if mergeOn {
-            // Only the first buffer of a frame carries the header; num_buffers counts them.
+            // Only the first buffer of a frame carries the header; its num_buffers counts the
+            // frame's buffers (published together, so a frame never spans two harvests).
+            var rest = 0
             for head in heads {
-                let buffers = Int(load(UInt16.self, at: rxBuffers + UInt64(head) * rxBufferSize + 10))
-                if buffers > 0 {
-                    frames += 1
-                    bytes -= headerSize
+                if rest > 0 {
+                    rest -= 1
+                    continue
                 }
+                rest = Int(load(UInt16.self, at: rxBuffers + UInt64(head) * rxBufferSize + 10)) - 1
+                frames += 1
+                bytes -= headerSize
             }
         } else {
             frames += got

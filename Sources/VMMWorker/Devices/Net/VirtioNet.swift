@@ -161,6 +161,7 @@ public final class VirtioNetDevice: VirtioDevice {
             }
             state.receiver.offloads = offloads
             state.receiver.pendingCount = 0
+            state.receiver.pendingCapacity = 0
             state.transmitter.offloads = offloads
             // Registered with no events; the first receive pass decides.
             state.tapToken = try loop.register(fd: tapFD, events: 0) { [weak self] events in self?.tapReady(events) }
@@ -179,6 +180,7 @@ public final class VirtioNetDevice: VirtioDevice {
             state.watchingTap = false
             // The taken chains go with the queue; the next driver sets its own offloads.
             state.receiver.pendingCount = 0
+            state.receiver.pendingCapacity = 0
             _ = fl_tap_set_offload(tapFD, 0)
         }
     }
@@ -371,6 +373,8 @@ struct NetReceiveHandler: VirtioQueueHandler {
     var pending: [DescriptorChain]
     var pendingStart = 0
     var pendingCount = 0
+    /// Writable bytes of the pending chains.
+    var pendingCapacity: UInt64 = 0
     /// Frames given to the guest, and frames dropped (too large for the buffers, or a header
     /// the driver's features do not allow).
     var frames: UInt64 = 0
@@ -389,20 +393,12 @@ struct NetReceiveHandler: VirtioQueueHandler {
         pending = Array(repeating: DescriptorChain(head: 0), count: Int(VirtioNetDevice.queueSize))
     }
 
-    /// Writable bytes of the pending chains.
-    var pendingCapacity: UInt64 {
-        var total: UInt64 = 0
-        for i in 0..<pendingCount { total += pending[(pendingStart + i) % pending.count].writableLength }
-        return total
-    }
-
     /// Takes chains into `pending`: one when empty, and with MRG_RXBUF more until they hold a
     /// largest frame. Malformed chains (§5.1.6.3.1: device-writable only, room for the header
     /// at least — every buffer with MRG_RXBUF) are returned unused.
     mutating func gather(_ queue: inout SplitVirtqueue) throws(VirtqueueError) {
         let want = UInt64(VirtioNetDevice.headerSize + NetOffloads.maxFrame)
-        var capacity = pendingCapacity
-        while pendingCount < pending.count && (pendingCount == 0 || (offloads.mergeable && capacity < want)) {
+        while pendingCount < pending.count && (pendingCount == 0 || (offloads.mergeable && pendingCapacity < want)) {
             let slot = (pendingStart + pendingCount) % pending.count
             do {
                 guard try queue.next(into: &pending[slot]) else { return }
@@ -417,7 +413,7 @@ struct NetReceiveHandler: VirtioQueueHandler {
                 continue
             }
             pendingCount += 1
-            capacity += chain.writableLength
+            pendingCapacity += chain.writableLength
         }
     }
 
@@ -433,23 +429,28 @@ struct NetReceiveHandler: VirtioQueueHandler {
             // ones up to a largest frame (or UIO_MAXIOV).
             let want = UInt64(VirtioNetDevice.headerSize + NetOffloads.maxFrame)
             let memory = memory
-            var chains = 0
-            var capacity: UInt64 = 0
-            let count = iovecs.withUnsafeMutableBufferPointer { vectors -> Int in
-                var count = 0
-                while chains < pendingCount && (chains == 0 || (offloads.mergeable && capacity < want)) {
-                    let chain = pending[(pendingStart + chains) % pending.count]
-                    guard count + chain.writableCount < Self.maxIovecs else { break }
-                    for segment in chain.writable {
-                        // The walk checked the segment and kept its place in the host mapping.
-                        vectors[count] = iovec(iov_base: memory.base + segment.hostOffset, iov_len: Int(segment.length))
-                        count += 1
+            let start = pendingStart
+            let available = pendingCount
+            let mergeable = offloads.mergeable
+            let (count, capacity) = pending.withUnsafeBufferPointer { pending in
+                iovecs.withUnsafeMutableBufferPointer { vectors -> (Int, UInt64) in
+                    var count = 0
+                    var chains = 0
+                    var capacity: UInt64 = 0
+                    while chains < available && (chains == 0 || (mergeable && capacity < want)) {
+                        let index = (start + chains) % pending.count
+                        guard count + pending[index].writableCount < Self.maxIovecs else { break }
+                        for segment in pending[index].writable {
+                            // The walk checked the segment and kept its place in the host mapping.
+                            vectors[count] = iovec(iov_base: memory.base + segment.hostOffset, iov_len: Int(segment.length))
+                            count += 1
+                        }
+                        chains += 1
+                        capacity += pending[index].writableLength
                     }
-                    chains += 1
-                    capacity += chain.writableLength
+                    vectors[count] = overflow
+                    return (count + 1, capacity)
                 }
-                vectors[count] = overflow
-                return count + 1
             }
             let result = readv(tapFD, iovecs, Int32(count))
             if result < 0 {
@@ -493,6 +494,7 @@ struct NetReceiveHandler: VirtioQueueHandler {
                 used += 1
                 pendingStart = (pendingStart + 1) % pending.count
                 pendingCount -= 1
+                pendingCapacity -= chain.writableLength
             }
             // §5.1.6.4: num_buffers, 1 without MRG_RXBUF.
             header.buffers = used
