@@ -16,4 +16,5 @@
 #include "fl_tap.h"
 #include "fl_thread.h"
 #include "fl_tmpfile.h"
+#include "fl_userfaultfd.h"
 #endif

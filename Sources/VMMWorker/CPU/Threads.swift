@@ -45,6 +45,11 @@ final class ConditionLock<Value>: @unchecked Sendable {
         pthread_cond_broadcast(condition)
     }
 
+    /// Wakes one waiter (when any one of them can take what changed, such as a queued job).
+    func signal() {
+        pthread_cond_signal(condition)
+    }
+
     /// Blocks until `predicate` holds, then runs `body` with the lock still held.
     func wait<R>(until predicate: (Value) -> Bool, then body: (inout Value) throws -> R) rethrows -> R {
         pthread_mutex_lock(mutex)

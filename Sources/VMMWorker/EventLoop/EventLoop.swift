@@ -25,6 +25,9 @@ public final class EventLoop: Sendable {
     }
 
     public let name: String
+    /// Threads for the blocking system calls of the devices this loop serves (nil: they run
+    /// on the loop thread).
+    public let ioWorkers: IOWorkerPool?
     private let epollFD: Int32
     /// An eventfd that wakes `epoll_wait` for `execute` and `stop`.
     private let wakeFD: Int32
@@ -32,7 +35,9 @@ public final class EventLoop: Sendable {
     /// Token 0 is the wake eventfd.
     private static let wakeToken: UInt64 = 0
 
-    public init(name: String) throws(SyscallError) {
+    /// `ioThreads` > 0 starts an ``IOWorkerPool`` of that many threads (`<name>-io0`, …) now,
+    /// so create the loop before the seccomp filter.
+    public init(name: String, ioThreads: Int = 0) throws(SyscallError) {
         self.name = name
         epollFD = try Syscall.once("epoll_create1") { epoll_create1(Int32(EPOLL_CLOEXEC)) }
         do {
@@ -44,8 +49,16 @@ public final class EventLoop: Sendable {
         var event = epoll_event()
         event.events = EPOLLIN.rawValue
         event.data.u64 = Self.wakeToken
+        let (epoll, wake) = (epollFD, wakeFD)
         do {
-            _ = try Syscall.once("epoll_ctl") { epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &event) }
+            _ = try Syscall.once("epoll_ctl") { epoll_ctl(epoll, EPOLL_CTL_ADD, wake, &event) }
+        } catch {
+            Syscall.close(wakeFD)
+            Syscall.close(epollFD)
+            throw error
+        }
+        do {
+            ioWorkers = ioThreads > 0 ? try IOWorkerPool(name: name, threads: ioThreads) : nil
         } catch {
             Syscall.close(wakeFD)
             Syscall.close(epollFD)
@@ -54,6 +67,7 @@ public final class EventLoop: Sendable {
     }
 
     deinit {
+        ioWorkers?.shutdown()
         for entry in state.withLock({ Array($0.handlers.values) }) where entry.ownsFD { Syscall.close(entry.fd) }
         Syscall.close(wakeFD)
         Syscall.close(epollFD)

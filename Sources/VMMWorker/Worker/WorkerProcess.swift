@@ -90,9 +90,12 @@ private final class Worker: Sendable {
         pthread_sigmask(SIG_BLOCK, &mask, nil)
         if let name = config.name { _ = fl_set_current_thread_name(name) }
 
+        // I/O worker threads for the loops that may serve disks (-drive, or hot-plug through
+        // the api-channel): made now, before the seccomp filter, which allows no clone.
+        let diskIOThreads = !config.drives.isEmpty || runtime.apiChannelPath != nil ? VirtioBlockDevice.defaultIOThreads : 0
         let loop: EventLoop
         do {
-            loop = try EventLoop(name: NativeThread.threadName(vmName: config.name ?? "flotilla", suffix: "main"))
+            loop = try EventLoop(name: NativeThread.threadName(vmName: config.name ?? "flotilla", suffix: "main"), ioThreads: diskIOThreads)
         } catch {
             return startupFailure("cannot create the main event loop: \(error)")
         }
@@ -141,7 +144,7 @@ private final class Worker: Sendable {
         var iothreads: [String: EventLoop] = [:]
         for iothread in config.iothreads {
             do {
-                iothreads[iothread.id] = try EventLoop(name: iothread.id)
+                iothreads[iothread.id] = try EventLoop(name: iothread.id, ioThreads: diskIOThreads)
             } catch {
                 return startupFailure("-iothread id=\(iothread.id): cannot create its event loop: \(error)")
             }

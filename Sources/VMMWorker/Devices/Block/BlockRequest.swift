@@ -68,20 +68,7 @@ public struct BlockRequestHandler: Sendable {
             return UInt32(truncatingIfNeeded: dataWritten + 1)
         }
         guard chain.readableLength >= 16 else { return finish(BlockStatus.ioError) }
-        let type: UInt32
-        let sector: UInt64
-        let first = chain.storage[0]
-        if first.length >= 16 {
-            // The usual layout: the whole header in the first descriptor.
-            let header = base + first.hostOffset
-            type = UInt32(littleEndian: header.loadUnaligned(as: UInt32.self))
-            sector = UInt64(littleEndian: header.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
-        } else {
-            var header = (UInt64(0), UInt64(0))
-            withUnsafeMutableBytes(of: &header) { copyOut(chain, readable: true, skip: 0, into: $0) }
-            type = UInt32(truncatingIfNeeded: UInt64(littleEndian: header.0))
-            sector = UInt64(littleEndian: header.1)
-        }
+        let (type, sector) = header(chain)
 
         switch type {
         case BlockRequestType.read:
@@ -131,37 +118,67 @@ public struct BlockRequestHandler: Sendable {
         }
     }
 
-    /// §5.2.6: DISCARD and WRITE_ZEROES carry 16-byte segments {sector, num_sectors, flags}.
-    private func discardOrZero(_ chain: DescriptorChain, zero: Bool) -> UInt8 {
+    /// The request header's type and sector (§5.2.6 struct virtio_blk_req); the chain has at
+    /// least 16 readable bytes.
+    @inline(__always)
+    func header(_ chain: DescriptorChain) -> (type: UInt32, sector: UInt64) {
+        let first = chain.storage[0]
+        if first.length >= 16 {
+            // The usual layout: the whole header in the first descriptor.
+            let header = memory.base + first.hostOffset
+            return (
+                UInt32(littleEndian: header.loadUnaligned(as: UInt32.self)),
+                UInt64(littleEndian: header.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+            )
+        }
+        var header = (UInt64(0), UInt64(0))
+        withUnsafeMutableBytes(of: &header) { copyOut(chain, readable: true, skip: 0, into: $0) }
+        return (UInt32(truncatingIfNeeded: UInt64(littleEndian: header.0)), UInt64(littleEndian: header.1))
+    }
+
+    /// What a DISCARD or WRITE_ZEROES request asks for: the byte extent, or the status that
+    /// fails it.
+    enum DiscardExtent {
+        case extent(offset: UInt64, length: UInt64, unmap: Bool)
+        case failed(UInt8)
+    }
+
+    /// §5.2.6: DISCARD and WRITE_ZEROES carry 16-byte segments {sector, num_sectors, flags};
+    /// the device takes one per request (config max_discard_seg = max_write_zeroes_seg =
+    /// ``maxDiscardSegments`` = 1). The chain has at least 16 readable bytes.
+    func discardExtent(_ chain: DescriptorChain, zero: Bool) -> DiscardExtent {
         let length = chain.readableLength - 16
-        guard !backend.readOnly, chain.writableLength == 1, length > 0, length % 16 == 0,
-            length / 16 <= Self.maxDiscardSegments
-        else { return BlockStatus.ioError }
-        var bytes = [UInt8](repeating: 0, count: Int(length))
-        bytes.withUnsafeMutableBytes { copyOut(chain, readable: true, skip: 16, into: $0) }
-        for index in 0..<Int(length / 16) {
-            let base = index * 16
-            var sector: UInt64 = 0
-            for i in 0..<8 { sector |= UInt64(bytes[base + i]) << (8 * UInt64(i)) }
-            var count: UInt32 = 0
-            for i in 0..<4 { count |= UInt32(bytes[base + 8 + i]) << (8 * UInt32(i)) }
-            var flags: UInt32 = 0
-            for i in 0..<4 { flags |= UInt32(bytes[base + 12 + i]) << (8 * UInt32(i)) }
-            // §5.2.6.2: flags other than UNMAP (bit 0, WRITE_ZEROES only) are reserved.
-            guard flags & ~UInt32(zero ? 1 : 0) == 0 else { return BlockStatus.unsupported }
-            let bytesCount = UInt64(count) * BlockBackend.sectorSize
-            guard backend.contains(sector: sector, bytes: bytesCount) else { return BlockStatus.ioError }
+        guard !backend.readOnly, chain.writableLength == 1, length == 16 else {
+            return .failed(BlockStatus.ioError)
+        }
+        var bytes = (UInt64(0), UInt64(0))
+        withUnsafeMutableBytes(of: &bytes) { copyOut(chain, readable: true, skip: 16, into: $0) }
+        let sector = UInt64(littleEndian: bytes.0)
+        let count = UInt32(truncatingIfNeeded: UInt64(littleEndian: bytes.1))
+        let flags = UInt32(truncatingIfNeeded: UInt64(littleEndian: bytes.1) >> 32)
+        // §5.2.6.2: flags other than UNMAP (bit 0, WRITE_ZEROES only) are reserved.
+        guard flags & ~UInt32(zero ? 1 : 0) == 0 else { return .failed(BlockStatus.unsupported) }
+        let bytesCount = UInt64(count) * BlockBackend.sectorSize
+        guard backend.contains(sector: sector, bytes: bytesCount) else { return .failed(BlockStatus.ioError) }
+        return .extent(offset: sector * BlockBackend.sectorSize, length: bytesCount, unmap: flags & 1 != 0)
+    }
+
+    private func discardOrZero(_ chain: DescriptorChain, zero: Bool) -> UInt8 {
+        switch discardExtent(chain, zero: zero) {
+        case .failed(let status):
+            return status
+        case .extent(let offset, let length, let unmap):
             do {
                 if zero {
-                    try backend.writeZeroes(offset: sector * BlockBackend.sectorSize, length: bytesCount, unmap: flags & 1 != 0)
+                    try backend.writeZeroes(offset: offset, length: length, unmap: unmap)
                 } else {
-                    try backend.discard(offset: sector * BlockBackend.sectorSize, length: bytesCount)
+                    try backend.discard(offset: offset, length: length)
                 }
             } catch {
                 return BlockStatus.ioError
             }
+            return BlockStatus.ok
         }
-        return BlockStatus.ok
     }
 
     /// Moves `count` bytes between the disk at `sector` and the chain's readable (or

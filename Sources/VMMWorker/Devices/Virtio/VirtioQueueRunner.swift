@@ -13,6 +13,25 @@ protocol VirtioChainHandler {
     /// now: the chain goes back to the available ring and the batch stops, for the device to
     /// resume when what it waits for (such as host data) arrives.
     mutating func handle(_ chain: DescriptorChain, bucket: inout TokenBucket?) -> UInt32?
+    /// ``handle(_:bucket:)`` for a handler that may also keep a chain in flight: the device
+    /// then completes it later with ``VirtioQueueRunner/complete(_:)``. `more` says whether
+    /// the driver has made further chains available (only computed when
+    /// ``wantsLookahead``). The default serves every chain with `handle`.
+    mutating func serve(_ chain: DescriptorChain, more: Bool, bucket: inout TokenBucket?) -> ChainDisposition
+    /// Whether ``serve(_:more:bucket:)`` uses `more` (false by default: the runner then does
+    /// not look at the ring for it).
+    static var wantsLookahead: Bool { get }
+}
+
+/// What became of a chain a handler was given.
+enum ChainDisposition {
+    /// Used now, with this many bytes written (the used element's `len`, §2.7.8).
+    case used(UInt32)
+    /// Not served now: back to the available ring, the batch stops.
+    case declined
+    /// Taken and in flight: completed later, possibly after chains taken after it (the used
+    /// ring need not follow the available ring's order, §2.7.8).
+    case inFlight
 }
 
 /// The per-queue part of a device that takes chains itself, several per request: virtio-net
@@ -28,6 +47,14 @@ protocol VirtioQueueHandler {
 
 extension VirtioChainHandler {
     func throttle(_ bucket: inout TokenBucket) -> UInt64 { bucket.wait() }
+
+    static var wantsLookahead: Bool { false }
+
+    @inline(__always)
+    mutating func serve(_ chain: DescriptorChain, more: Bool, bucket: inout TokenBucket?) -> ChainDisposition {
+        guard let written = handle(chain, bucket: &bucket) else { return .declined }
+        return .used(written)
+    }
 }
 
 extension VirtioActivation {
@@ -170,11 +197,16 @@ struct VirtioQueueRunner: Sendable {
                     do { try queue.complete(head: head, written: 0) } catch { return fail() }
                     continue
                 }
-                guard let written = handler.handle(chain, bucket: &bucket) else {
+                let more = Handler.wantsLookahead && ((try? queue.hasPending()) ?? false)
+                switch handler.serve(chain, more: more, bucket: &bucket) {
+                case .used(let written):
+                    do { try queue.complete(head: chain.head, written: written) } catch { return fail() }
+                case .declined:
                     queue.untake()
                     return .blocked
+                case .inFlight:
+                    break
                 }
-                do { try queue.complete(head: chain.head, written: written) } catch { return fail() }
             }
             do {
                 if try queue.rearmNotification() { continue }
@@ -183,6 +215,24 @@ struct VirtioQueueRunner: Sendable {
             }
             return .drained
         }
+    }
+
+    /// Publishes chains that were in flight (head, bytes written), in the given order, then
+    /// interrupts the driver once if it wants it (§2.7.10). The device stores what the
+    /// requests produced (such as status bytes) before calling this: each used idx update is
+    /// a release. Nothing is published on a broken queue.
+    mutating func complete(_ completions: some Sequence<(head: UInt16, written: UInt32)>) {
+        guard !broken else { return }
+        for (head, written) in completions {
+            do {
+                try queue.complete(head: head, written: written)
+            } catch {
+                broken = true
+                interrupt.markNeedsReset()
+                return
+            }
+        }
+        if queue.needsInterrupt() { interrupt.signal(Virtio.Interrupt.usedBuffer) }
     }
 
     /// Throttled: leave the rest in the ring and come back when the bucket allows, without
