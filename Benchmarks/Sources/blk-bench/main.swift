@@ -1,10 +1,12 @@
 // Host-side virtio-blk backend throughput: 4 KiB random reads and writes at queue depth 1
 // and 32, through the real request path (split virtqueue in crafted guest memory, the
-// virtio-blk device's processing, the used ring and the interrupt eventfd) against plain
-// pread/pwrite of the same offsets on the same file, side by side in one run.
+// virtio-blk device's processing, its I/O worker threads, the used ring and the interrupt
+// eventfd) against plain pread/pwrite of the same offsets on the same file, side by side in
+// one run: serially, and (at QD > 1) with as many requests in flight from a thread pool.
 import CLinux
 import Glibc
 import Protocol
+import Synchronization
 import VMMWorker
 
 struct Options {
@@ -23,6 +25,9 @@ struct Options {
     /// the medians are compared, so neither side always runs into the same writeback burst
     /// or neighbour's load.
     var rounds = 5
+    /// I/O worker threads of the device's loop (0: every request on the loop thread, as
+    /// before workers existed).
+    var ioThreads = VirtioBlockDevice.defaultIOThreads
 }
 
 var options = Options()
@@ -36,6 +41,7 @@ while let flag = arguments.popFirst() {
     case "--cpu-time": options.cpuTime = true
     case "--rounds": options.rounds = max(1, Int(arguments.popFirst() ?? "") ?? options.rounds)
     case "--qd": options.depths = [Int(arguments.popFirst() ?? "") ?? 1]
+    case "--io-threads": options.ioThreads = max(0, Int(arguments.popFirst() ?? "") ?? options.ioThreads)
     case "--rw":
         switch arguments.popFirst() {
         case "read": options.kinds = [false]
@@ -44,7 +50,8 @@ while let flag = arguments.popFirst() {
         }
     default:
         print(
-            "usage: blk-bench [--file PATH] [--size-mib N] [--ops N] [--direct] [--rw read|write|both] [--qd N] [--cpu-time] [--rounds N]")
+            "usage: blk-bench [--file PATH] [--size-mib N] [--ops N] [--direct] [--rw read|write|both] [--qd N] [--cpu-time] [--rounds N] [--io-threads N]"
+        )
         exit(2)
     }
 }
@@ -90,17 +97,19 @@ let offsets = (0..<options.operations).map { _ in offsetGenerator.next() % block
 let memory = try GuestMemory(size: 64 << 20)
 let descriptors: UInt64 = 0x10000
 let avail: UInt64 = 0x11000
-let used: UInt64 = 0x12000
+let usedRing: UInt64 = 0x12000
 let headers: UInt64 = 0x20000
 let statuses: UInt64 = 0x21000
 let buffers: UInt64 = 0x100000
-let loop = try EventLoop(name: "bench")
+let loop = try EventLoop(name: "bench", ioThreads: options.ioThreads)
+// The loop thread publishes what the I/O workers finish.
+_ = try loop.startThread()
 let drive = DriveConfig(id: "bench", path: options.path, direct: options.direct)
 let device = VirtioBlockDevice(backend: try BlockBackend(drive: drive), memory: memory, loop: loop)
 let transport = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 0), device: device, memory: memory, vm: nil)
 for (offset, value) in [
     (0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11), (0x038, 256), (0x080, Int(descriptors)), (0x090, Int(avail)),
-    (0x0a0, Int(used)), (0x044, 1), (0x070, 15),
+    (0x0a0, Int(usedRing)), (0x044, 1), (0x070, 15),
 ] as [(UInt64, Int)] {
     transport.write(offset: offset, length: 4, value: UInt64(value))
 }
@@ -144,25 +153,52 @@ let control = try memory.hostPointer(descriptors, length: statuses + 0x1000 - de
     if status != 0 { transport.write(offset: 0x064, length: 4, value: status) }
 }
 
-/// Operations per second through the device, `depth` requests per notification.
+/// Operations per second through the device with `depth` requests outstanding, as a guest
+/// driver at that queue depth keeps them: each used request's slot is refilled with the next
+/// one at once, and one notification covers what was refilled together.
 @MainActor func device(write: Bool, depth: Int) throws -> Double {
-    let signalsBefore = transport.interrupt.signalCount
-    var batches = 0
     let start = now()
-    var i = 0
-    while i < offsets.count {
-        batches += 1
-        let batch = min(depth, offsets.count - i)
-        for slot in 0..<batch { post(slot: slot, write: write, offset: offsets[i + slot]) }
-        device.process()
+    var posted = 0
+    var completed = 0
+    var seen = usedIndex()
+    for slot in 0..<min(depth, offsets.count) {
+        post(slot: slot, write: write, offset: offsets[posted])
+        posted += 1
+    }
+    device.process()
+    while completed < offsets.count {
+        // What the driver's interrupt handler does: ack, take the used elements, refill their
+        // slots, kick; sleep until the next interrupt when nothing was used.
         acknowledgeInterrupt()
-        i += batch
+        let used = usedIndex()
+        if used == seen {
+            var count: UInt64 = 0
+            _ = read(transport.interrupt.eventFD, &count, 8)
+            continue
+        }
+        var refilled = false
+        while seen != used {
+            let head = control.load(fromByteOffset: Int(usedRing + 4 + 8 * UInt64(seen % 256) - descriptors), as: UInt32.self)
+            seen &+= 1
+            completed += 1
+            if posted < offsets.count {
+                post(slot: Int(UInt32(littleEndian: head)) / 3, write: write, offset: offsets[posted])
+                posted += 1
+                refilled = true
+            }
+        }
+        if refilled { device.process() }
     }
     let elapsed = now() - start
-    guard try memory.read(UInt16.self, at: used + 2) == availIndex else { fatalError("requests left unprocessed") }
-    // The driver asks for every interrupt (no EVENT_IDX, no NO_INTERRUPT): one per batch.
-    guard transport.interrupt.signalCount - signalsBefore == batches else { fatalError("interrupts missing") }
+    guard usedIndex() == availIndex else { fatalError("requests left unprocessed") }
     return Double(offsets.count) / elapsed
+}
+
+/// The used ring's idx, as the driver reads it.
+@MainActor func usedIndex() -> UInt16 {
+    let index = control.load(fromByteOffset: Int(usedRing + 2 - descriptors), as: UInt16.self)
+    atomicMemoryFence(ordering: .acquiring)
+    return UInt16(littleEndian: index)
 }
 
 /// Operations per second with plain pread/pwrite of the same offsets (depth has no meaning
@@ -178,6 +214,65 @@ let control = try memory.hostPointer(descriptors, length: statuses + 0x1000 - de
         if n != 4096 { fatalError("plain I/O failed") }
     }
     return Double(offsets.count) / (now() - start)
+}
+
+/// One thread of ``parallel(write:threads:)``: its share of the offsets, through its own buffer.
+final class PlainWorker: @unchecked Sendable {
+    // Invariant: the fields are set before the thread starts and read after it is joined;
+    // the thread itself only reads them.
+    let fd: Int32
+    let write: Bool
+    let offsets: [UInt64]
+    var failed = false
+    init(fd: Int32, write: Bool, offsets: [UInt64]) {
+        self.fd = fd
+        self.write = write
+        self.offsets = offsets
+    }
+    func run() {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { buffer.deallocate() }
+        for offset in offsets {
+            let n = write ? pwrite(fd, buffer, 4096, off_t(offset)) : pread(fd, buffer, 4096, off_t(offset))
+            if n != 4096 { failed = true }
+        }
+    }
+}
+
+/// Starts a thread running `worker` (outside the main actor: the thread's closure must not
+/// inherit its isolation).
+func startPlainThread(_ worker: PlainWorker) -> pthread_t {
+    var thread = pthread_t()
+    let box = Unmanaged.passRetained(worker).toOpaque()
+    let code = pthread_create(
+        &thread, nil,
+        { argument in
+            guard let argument else { return nil }
+            Unmanaged<PlainWorker>.fromOpaque(argument).takeRetainedValue().run()
+            return nil
+        }, box)
+    if code != 0 { fatalError("pthread_create failed") }
+    return thread
+}
+
+/// Operations per second with plain pread/pwrite of the same offsets from `threads` threads
+/// at once (each its own interleaved share): `threads` requests in flight, the most a device
+/// doing the same system calls from worker threads can reach. Always wall-clock time.
+@MainActor func parallel(write: Bool, threads: Int) -> Double {
+    let fd = open(options.path, O_RDWR | (options.direct ? 0o40000 : 0))
+    defer { close(fd) }
+    let workers = (0..<threads).map { t in
+        PlainWorker(fd: fd, write: write, offsets: stride(from: t, to: offsets.count, by: threads).map { offsets[$0] })
+    }
+    var clock = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &clock)
+    let start = Double(clock.tv_sec) + Double(clock.tv_nsec) / 1e9
+    let handles = workers.map(startPlainThread)
+    for thread in handles { pthread_join(thread, nil) }
+    clock_gettime(CLOCK_MONOTONIC, &clock)
+    let elapsed = Double(clock.tv_sec) + Double(clock.tv_nsec) / 1e9 - start
+    if workers.contains(where: { $0.failed }) { fatalError("plain parallel I/O failed") }
+    return Double(offsets.count) / elapsed
 }
 
 func pad(_ value: Int, _ width: Int) -> String {
@@ -211,7 +306,8 @@ func median(_ values: [Double]) -> Double {
 print(
     "virtio-blk backend, 4 KiB random I/O, \(options.operations) ops on a \(options.sizeMiB) MiB file (\(options.direct ? "O_DIRECT" : "page cache")), median of \(options.rounds) alternating rounds"
 )
-print("workload        virtio-blk ops/s   plain ops/s   ratio")
+print("device I/O threads: \(options.ioThreads)\(options.cpuTime ? " (CPU time: blind to them)" : "")")
+print("workload        virtio-blk ops/s   plain ops/s   ratio   plain in flight ops/s   ratio")
 var plainReadQD1: Double?
 for write in options.kinds {
     // Warm up both paths once.
@@ -220,11 +316,14 @@ for write in options.kinds {
     for depth in options.depths {
         var viaDevice: [Double] = []
         var baseline: [Double] = []
+        var inFlight: [Double] = []
         for round in 0..<options.rounds {
             if round % 2 == 0 {
                 viaDevice.append(try device(write: write, depth: depth))
                 baseline.append(plain(write: write))
+                if depth > 1 { inFlight.append(parallel(write: write, threads: depth)) }
             } else {
+                if depth > 1 { inFlight.append(parallel(write: write, threads: depth)) }
                 baseline.append(plain(write: write))
                 viaDevice.append(try device(write: write, depth: depth))
             }
@@ -233,7 +332,12 @@ for write in options.kinds {
         if !write && depth == 1 { plainReadQD1 = b }
         let name = "\(write ? "write" : "read") QD\(depth)"
         let padded = name + String(repeating: " ", count: max(0, 14 - name.count))
-        print("\(padded)  \(pad(Int(d), 16))  \(pad(Int(b), 12))   \(Double(Int(d / b * 100)) / 100)x")
+        var line = "\(padded)  \(pad(Int(d), 16))  \(pad(Int(b), 12))   \(Double(Int(d / b * 100)) / 100)x"
+        if depth > 1 {
+            let p = median(inFlight)
+            line += "  \(pad(Int(p), 20))   \(Double(Int(d / p * 100)) / 100)x"
+        }
+        print(line)
     }
 }
 // At QD1 every request needs its own interrupt (the driver asks for each, §2.7.10), so even a
