@@ -103,7 +103,7 @@ public final class NetStandIn: VirtioDevice {
 
     func receive() {
         state.withLock { state in
-            guard let outcome = state.receive?.run(&state.receiver, loop: loop) else { return }
+            guard let outcome = state.receive?.run(serving: &state.receiver, loop: loop) else { return }
             let watch = outcome == .blocked
             if watch != state.watchingTap, let token = state.tapToken {
                 state.watchingTap = (try? loop.modify(token, events: watch ? EPOLLIN.rawValue : 0)) != nil && watch
