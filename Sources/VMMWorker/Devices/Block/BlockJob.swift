@@ -90,27 +90,15 @@ extension BlockRequestHandler {
     /// The host ranges of `count` bytes starting `skip` bytes into the chain's readable (or
     /// writable) segments, which hold at least `skip + count` bytes, into `job`.
     private func ranges(_ chain: DescriptorChain, readable: Bool, skip: UInt64, count: UInt64, into job: inout BlockJob?) {
-        let range = readable ? 0..<chain.readableCount : chain.readableCount..<chain.segmentCount
-        var toSkip = skip
-        var left = count
         var isFirst = true
-        for i in range where left > 0 {
-            let segment = chain.storage[i]
-            let length = UInt64(segment.length)
-            if toSkip >= length {
-                toSkip -= length
-                continue
-            }
-            let take = min(length - toSkip, left)
-            let piece = BlockJob.HostRange(offset: segment.hostOffset + Int(toSkip), length: Int(take))
+        chain.forEachPiece(in: chain.segments(readable: readable), skip: skip, count: count) { hostOffset, length in
+            let piece = BlockJob.HostRange(offset: hostOffset, length: length)
             if isFirst {
                 job?.first = piece
                 isFirst = false
             } else {
                 job?.rest.append(piece)
             }
-            left -= take
-            toSkip = 0
         }
     }
 

@@ -224,20 +224,9 @@ public struct BlockRequestHandler: Sendable {
     {
         let base = memory.base
         var n = 0
-        var toSkip = skip
-        var left = count
-        for i in range where left > 0 {
-            let segment = chain.storage[i]
-            let length = UInt64(segment.length)
-            if toSkip >= length {
-                toSkip -= length
-                continue
-            }
-            let take = min(length - toSkip, left)
-            vectors[n] = iovec(iov_base: base + segment.hostOffset + Int(toSkip), iov_len: Int(take))
+        chain.forEachPiece(in: range, skip: skip, count: count) { hostOffset, length in
+            vectors[n] = iovec(iov_base: base + hostOffset, iov_len: length)
             n += 1
-            left -= take
-            toSkip = 0
         }
         return n
     }
@@ -246,20 +235,10 @@ public struct BlockRequestHandler: Sendable {
     /// (as many as fit, and as there are).
     func copyOut(_ chain: DescriptorChain, readable: Bool, skip: UInt64, into destination: UnsafeMutableRawBufferPointer) {
         guard let target = destination.baseAddress else { return }
-        let range = readable ? 0..<chain.readableCount : chain.readableCount..<chain.segmentCount
-        var toSkip = skip
         var at = 0
-        for i in range where at < destination.count {
-            let segment = chain.storage[i]
-            let length = UInt64(segment.length)
-            if toSkip >= length {
-                toSkip -= length
-                continue
-            }
-            let take = min(Int(length - toSkip), destination.count - at)
-            (target + at).copyMemory(from: memory.base + segment.hostOffset + Int(toSkip), byteCount: take)
-            at += take
-            toSkip = 0
+        chain.forEachPiece(in: chain.segments(readable: readable), skip: skip, count: UInt64(destination.count)) { hostOffset, length in
+            (target + at).copyMemory(from: memory.base + hostOffset, byteCount: length)
+            at += length
         }
     }
 

@@ -568,16 +568,11 @@ struct NetTransmitHandler: VirtioChainHandler {
         let result = iovecs.withUnsafeMutableBufferPointer { vectors -> Int in
             vectors[0] = header
             var count = 1
-            var skip = VirtioNetDevice.headerSize
-            for segment in chain.readable {
-                // The walk checked the segment and kept its place in the host mapping.
-                let length = Int(segment.length)
-                if skip >= length {
-                    skip -= length
-                    continue
-                }
-                vectors[count] = iovec(iov_base: memory.base + segment.hostOffset + skip, iov_len: length - skip)
-                skip = 0
+            // The frame: everything after the driver's header. The walk checked the segments
+            // and kept their places in the host mapping.
+            let frame = chain.segments(readable: true)
+            chain.forEachPiece(in: frame, skip: UInt64(VirtioNetDevice.headerSize), count: chain.readableLength) { hostOffset, length in
+                vectors[count] = iovec(iov_base: memory.base + hostOffset, iov_len: length)
                 count += 1
             }
             while true {

@@ -97,6 +97,30 @@ public struct DescriptorChain: Sendable, Equatable {
 
     /// Index of the first writable segment in `storage`; the end is `segmentCount`.
     var segmentCount: Int { readableCount + writableCount }
+
+    /// The segments of one direction: readable ones, or writable ones.
+    func segments(readable: Bool) -> Range<Int> { readable ? 0..<readableCount : readableCount..<segmentCount }
+
+    /// Calls `body(hostOffset, length)` for each piece of guest memory, in order, that makes up
+    /// at most `count` bytes starting `skip` bytes into the segments `range` (fewer if they
+    /// hold fewer). Pieces are never empty.
+    @inline(__always)
+    func forEachPiece(in range: Range<Int>, skip: UInt64, count: UInt64, _ body: (_ hostOffset: Int, _ length: Int) -> Void) {
+        var toSkip = skip
+        var left = count
+        for i in range where left > 0 {
+            let segment = storage[i]
+            let length = UInt64(segment.length)
+            if toSkip >= length {
+                toSkip -= length
+                continue
+            }
+            let take = min(length - toSkip, left)
+            body(segment.hostOffset + Int(toSkip), Int(take))
+            left -= take
+            toSkip = 0
+        }
+    }
     public var readable: ArraySlice<GuestSegment> { storage[0..<readableCount] }
     public var writable: ArraySlice<GuestSegment> { storage[readableCount..<segmentCount] }
 
