@@ -151,17 +151,23 @@ struct QMPMultiplexerTests {
 
     @Test("a real third-party client: Python's qemu.qmp, two at once, beside a raw client")
     func pythonQemuQMP() throws {
+        try Self.checkPythonClient(flotilladArguments: [])
+    }
+
+    /// Python's qemu.qmp (two clients at once, pythonClient) against a VM of flotillad started
+    /// with `flotilladArguments`, beside a raw client that sees the events Python caused.
+    static func checkPythonClient(flotilladArguments: [String]) throws {
         let python = "/usr/bin/env"
         let probe = try run(python, ["python3", "-c", "import qemu.qmp"])
         try #require(probe.status == 0, "Python's qemu.qmp is needed: pip install qemu.qmp (\(probe.standardError))")
-        let daemon = try FlotilladHarness().start()
+        let daemon = try FlotilladHarness(flotilladArguments).start()
         defer { daemon.cleanUp() }
         try daemon.createVM("py")
         let path = daemon.runtime + "/vms/py/qmp.sock"
         let raw = try QMPTestClient(path: path)
         try raw.handshake()
         let script = daemon.directory.file("client.py")
-        try Data(Self.pythonClient.utf8).write(to: URL(fileURLWithPath: script))
+        try Data(pythonClient.utf8).write(to: URL(fileURLWithPath: script))
         let result = try run(python, ["python3", script, path])
         #expect(result.status == 0, "\(result.standardOutput)\n\(result.standardError)")
         let lines = result.standardOutput.split(separator: "\n").map(String.init)
