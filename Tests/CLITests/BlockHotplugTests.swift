@@ -66,9 +66,9 @@ struct BlockHotplugTests {
         #expect(plugged["return"] == [:], "\(plugged)")
         // The first free disk slot is 1; the guest finds it, reads it, and reports the host's bytes.
         #expect(
-            process.waitForOutput(Self.diskFact(slot: 1, serial: "hot-one", crc: hot.crc, sectors: 2048), timeout: 60),
+            process.waitForLine(containing: Self.diskFact(slot: 1, serial: "hot-one", crc: hot.crc, sectors: 2048), timeout: 60),
             "\(process.standardOutput)")
-        #expect(process.waitForOutput("check virtio-blk1 ok", timeout: 30), "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "check virtio-blk1 ok", timeout: 30), "\(process.standardOutput)")
 
         let block = try #require(try qmp.execute("query-block")["return"]?.arrayValue)
         #expect(block.count == 2)
@@ -133,15 +133,15 @@ struct BlockHotplugTests {
         let (fifthClass, fifthText) = qmpError(
             try qmp.execute("device_add", arguments: ["id": "d4", "driver": "virtio-blk-mmio", "drive": "x2"]))
         #expect(fifthClass == "GenericError" && fifthText?.hasPrefix("A maximum of 4 block replaceable devices are supported") == true)
-        #expect(process.waitForOutput(Self.diskFact(slot: 3, serial: "", crc: extra[1].crc, sectors: 256), timeout: 60))
-        #expect(process.waitForOutput(Self.diskFact(slot: 2, serial: "", crc: extra[0].crc, sectors: 256), timeout: 60))
+        #expect(process.waitForLine(containing: Self.diskFact(slot: 3, serial: "", crc: extra[1].crc, sectors: 256), timeout: 60))
+        #expect(process.waitForLine(containing: Self.diskFact(slot: 2, serial: "", crc: extra[0].crc, sectors: 256), timeout: 60))
 
         // device_del: DEVICE_DELETED (before the reply), the guest sees the slot empty again.
         try qmp.send(QMP.Command(name: "device_del", arguments: ["id": "hp1"], id: 7))
         let deleted = try qmp.receive()
         #expect(deleted["event"] == "DEVICE_DELETED" && deleted["data"] == ["device": "hp1", "path": "hp1"], "\(deleted)")
         #expect(try qmp.receive() == ["return": [:], "id": 7])
-        #expect(process.waitForOutput("fact device-removed base=0xd0001000", timeout: 60), "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "fact device-removed base=0xd0001000", timeout: 60), "\(process.standardOutput)")
         // The node stays (blockdev-add made it) and keeps its lock: another VM cannot have it.
         let locked = try run(vmm, ["-kernel", GuestImages.vmlinux, "-drive", "id=again,file=\(hot.path)"], timeout: 60)
         #expect(locked.status == 2 && locked.standardError.contains("locked"), "\(locked.standardError)")
@@ -164,11 +164,11 @@ struct BlockHotplugTests {
         #expect(
             try qmp.execute("device_add", arguments: ["id": "d4", "driver": "virtio-blk-mmio", "drive": "x2", "serial": "re"])["return"]
                 == [:])
-        #expect(process.waitForOutput(Self.diskFact(slot: 1, serial: "re", crc: extra[2].crc, sectors: 256), timeout: 60))
+        #expect(process.waitForLine(containing: Self.diskFact(slot: 1, serial: "re", crc: extra[2].crc, sectors: 256), timeout: 60))
 
         // A -drive disk can be unplugged too; its node goes with it (QEMU's rule for -drive).
         #expect(try qmp.execute("device_del", arguments: ["id": "disk0"])["return"] == [:])
-        #expect(process.waitForOutput("fact device-removed base=0xd0000000", timeout: 60), "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "fact device-removed base=0xd0000000", timeout: 60), "\(process.standardOutput)")
         #expect(Self.unlocked(cold.path))
         #expect(
             qmpError(try qmp.execute("blockdev-del", arguments: ["node-name": "disk0"]))

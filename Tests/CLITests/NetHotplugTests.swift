@@ -24,15 +24,6 @@ struct NetHotplugTests {
         return link.contains("LOWER_UP") && !link.contains("NO-CARRIER")
     }
 
-    /// Waits until `text` occurs `count` times in the output (at most 60 s, then false).
-    static func waitForCount(_ text: String, _ count: Int, in process: BackgroundProcess) -> Bool {
-        for _ in 0..<600 {
-            if process.standardOutput.components(separatedBy: text).count - 1 >= count { return true }
-            usleep(100_000)
-        }
-        return false
-    }
-
     /// The serial lines from the first line containing `marker`.
     static func lines(after marker: String, in output: String) -> [Substring] {
         let all = output.split(separator: "\n")
@@ -73,9 +64,9 @@ struct NetHotplugTests {
         #expect(try Self.attached(namespace, "flhp0"))
         // The first NIC slot: slot 4, IRQ 9; the guest reads the MAC given and talks to the kernel.
         #expect(
-            process.waitForOutput("fact device virtio-net base=0xd0004000 irq=9 nic=0 mac=52:54:00:4e:48:50 link=1", timeout: 60),
+            process.waitForLine(containing: "fact device virtio-net base=0xd0004000 irq=9 nic=0 mac=52:54:00:4e:48:50 link=1", timeout: 60),
             "\(process.standardOutput)")
-        #expect(process.waitForOutput("check net_ping", timeout: 60), "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "check net_ping", timeout: 60), "\(process.standardOutput)")
         var report = GuestReport(output: process.standardOutput)
         #expect(report.checks["net0"] == "ok" && report.checks["net_ping"] == "ok", "\(report.lines)")
         let arp = try #require(report.lines.first { $0.contains("check net_arp") })
@@ -98,7 +89,9 @@ struct NetHotplugTests {
         let deleted = try qmp.receive()
         #expect(deleted["event"] == "DEVICE_DELETED" && deleted["data"] == ["device": "net-0", "path": "net-0"], "\(deleted)")
         #expect(try qmp.receive() == ["return": [:], "id": 9])
-        #expect(process.waitForOutput("fact device-removed base=0xd0004000 irq=9 device_id=1", timeout: 60), "\(process.standardOutput)")
+        #expect(
+            process.waitForLine(containing: "fact device-removed base=0xd0004000 irq=9 device_id=1", timeout: 60),
+            "\(process.standardOutput)")
         #expect(!(try Self.attached(namespace, "flhp0")), "device_del closes the tap")
         #expect(try qmp.execute("netdev_del", arguments: ["id": "net-0"])["return"] == [:])
         #expect(
@@ -109,9 +102,11 @@ struct NetHotplugTests {
         #expect(
             try qmp.execute("device_add", arguments: ["id": "nic1", "driver": "virtio-net-device", "netdev": "again", "addr": "0x1"])[
                 "return"] == [:])
-        #expect(process.waitForOutput("fact device virtio-net base=0xd0005000 irq=10 nic=1", timeout: 60), "\(process.standardOutput)")
+        #expect(
+            process.waitForLine(containing: "fact device virtio-net base=0xd0005000 irq=10 nic=1", timeout: 60), "\(process.standardOutput)"
+        )
         // The second NIC's ARP and ping lines are the second ones of their kind.
-        #expect(Self.waitForCount("check net_ping", 2, in: process), "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "check net_ping", count: 2, timeout: 60), "\(process.standardOutput)")
         let after = Self.lines(after: "fact device virtio-net base=0xd0005000", in: process.standardOutput)
         #expect(after.contains { $0.contains("check net1 ok") }, "\(after)")
         #expect(after.contains { $0.contains("check net_arp ok") && $0.contains("peer=\(tapMAC)") }, "\(after)")
@@ -199,7 +194,9 @@ struct NetHotplugTests {
 
         // The first free NIC slot is 0x1; then both are taken (the cold NIC counts) and a third NIC has none.
         #expect(try qmp.execute("device_add", arguments: ["id": "h1", "driver": "virtio-net-mmio"])["return"] == [:])
-        #expect(process.waitForOutput("fact device virtio-net base=0xd0005000 irq=10 nic=1", timeout: 60), "\(process.standardOutput)")
+        #expect(
+            process.waitForLine(containing: "fact device virtio-net base=0xd0005000 irq=10 nic=1", timeout: 60), "\(process.standardOutput)"
+        )
         #expect(try qmp.execute("netdev_add", arguments: ["id": "h2", "ifname": "flhpe"])["return"] == [:])
         let (fullClass, fullText) = qmpError(
             try qmp.execute("device_add", arguments: ["id": "h2", "driver": "virtio-net-mmio"]))
@@ -209,12 +206,15 @@ struct NetHotplugTests {
         // The -netdev NIC unplugs too; its netdev goes with it (as a -drive node does), and its tap is free.
         #expect(try Self.attached(namespace, "flhpc"))
         #expect(try qmp.execute("device_del", arguments: ["id": "cold"])["return"] == [:])
-        #expect(process.waitForOutput("fact device-removed base=0xd0004000 irq=9 device_id=1", timeout: 60), "\(process.standardOutput)")
+        #expect(
+            process.waitForLine(containing: "fact device-removed base=0xd0004000 irq=9 device_id=1", timeout: 60),
+            "\(process.standardOutput)")
         #expect(!(try Self.attached(namespace, "flhpc")))
         #expect(qmpError(try qmp.execute("netdev_del", arguments: ["id": "cold"])) == ("DeviceNotFound", "Device 'cold' not found"))
         // Its slot takes the waiting NIC.
         #expect(try qmp.execute("device_add", arguments: ["id": "h2", "driver": "virtio-net-mmio"])["return"] == [:])
-        #expect(process.waitForOutput("fact device virtio-net base=0xd0004000 irq=9 nic=2", timeout: 60), "\(process.standardOutput)")
+        #expect(
+            process.waitForLine(containing: "fact device virtio-net base=0xd0004000 irq=9 nic=2", timeout: 60), "\(process.standardOutput)")
         #expect(try Self.attached(namespace, "flhpe"))
         // query-block lists disks only.
         let block = try #require(try qmp.execute("query-block")["return"]?.arrayValue)

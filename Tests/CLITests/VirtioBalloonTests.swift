@@ -55,7 +55,9 @@ struct VirtioBalloonTests {
         #expect(try qmp.execute("balloon", arguments: ["value": .integer(target)])["return"] == [:])
         let inflated = try qmp.waitForEvent("BALLOON_CHANGE")
         #expect(inflated["data"] == ["actual": .integer(target)])
-        #expect(process.waitForOutput("fact balloon pages=\(Self.pages) target=\(Self.pages)", timeout: 60), "\(process.standardOutput)")
+        #expect(
+            process.waitForLine(containing: "fact balloon pages=\(Self.pages) target=\(Self.pages)", timeout: 60),
+            "\(process.standardOutput)")
         #expect(try qmp.execute("query-balloon")["return"] == ["actual": .integer(target)])
         let after = try Self.guestRAMRss(pid: process.pid)
         // Every ballooned page left the host's resident set (the idle guest adds none meanwhile).
@@ -65,7 +67,8 @@ struct VirtioBalloonTests {
         #expect(try qmp.execute("balloon", arguments: ["value": .integer(Self.ram)])["return"] == [:])
         let deflated = try qmp.waitForEvent("BALLOON_CHANGE")
         #expect(deflated["data"] == ["actual": .integer(Self.ram)])
-        #expect(process.waitForOutput("fact balloon pages=0 target=0 zeroed=\(Self.pages)", timeout: 60), "\(process.standardOutput)")
+        #expect(
+            process.waitForLine(containing: "fact balloon pages=0 target=0 zeroed=\(Self.pages)", timeout: 60), "\(process.standardOutput)")
         #expect(try qmp.execute("query-balloon")["return"] == ["actual": .integer(Self.ram)])
 
         // QEMU's checks of the value.

@@ -41,7 +41,7 @@ struct VirtioConsoleTests {
         #expect(report.done?.fail == 0, "\(report.lines)")
 
         try client.send("ping \(nonce)\n")
-        #expect(process.waitForOutput("fact console-rx text=ping \(nonce)", timeout: 60), "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "fact console-rx text=ping \(nonce)", timeout: 60), "\(process.standardOutput)")
         _ = try client.read(until: "flotilla-guest console echo ping \(nonce)\n")
 
         #expect(try qmp.execute("quit")["return"] == [:])

@@ -45,9 +45,9 @@ struct VirtioRngTests {
                 "-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append", "console=ttyS0 flotilla.rngbytes=\(Int(total))",
                 "-rng", "random_file=/dev/urandom,bytes_per_sec=\(Int(limit))",
             ])
-        #expect(process.waitForOutput("fact rng-read start", timeout: 60), "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "fact rng-read start", timeout: 60), "\(process.standardOutput)")
         let start = Date()
-        #expect(process.waitForOutput("fact device virtio-rng", timeout: 60), "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "fact device virtio-rng", timeout: 60), "\(process.standardOutput)")
         let elapsed = Date().timeIntervalSince(start)
         #expect(process.wait(timeout: 60) == 0)
         let report = GuestReport(output: process.standardOutput)

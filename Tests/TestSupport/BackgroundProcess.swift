@@ -85,6 +85,26 @@ public final class BackgroundProcess: @unchecked Sendable {
         return false
     }
 
+    /// Standard output's complete lines: a line still being written (no newline yet) is left out,
+    /// so a check read from it is never cut short.
+    public var completeLines: [Substring] {
+        let output = standardOutput
+        guard let lastNewline = output.lastIndex(of: "\n") else { return [] }
+        return output[..<lastNewline].split(separator: "\n", omittingEmptySubsequences: false)
+    }
+
+    /// Waits until `count` complete lines of standard output contain `text`; false on timeout or exit.
+    public func waitForLine(containing text: String, count: Int = 1, timeout: Double = 30) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        func matched() -> Bool { completeLines.lazy.filter { $0.contains(text) }.count >= count }
+        while Date() < deadline {
+            if matched() { return true }
+            if !process.isRunning { return matched() }
+            usleep(5000)
+        }
+        return false
+    }
+
     public func signal(_ signal: Int32) {
         kill(process.processIdentifier, signal)
     }
