@@ -40,6 +40,66 @@ public struct NetworkNamespace: Sendable {
         return try mac(of: tap)
     }
 
+    /// linux/if_tun.h interface flags for ``openTap(_:flags:)``.
+    public static let iffTun: Int16 = 0x0001
+    public static let iffTap: Int16 = 0x0002
+    public static let iffNoPI: Int16 = 0x1000
+    public static let iffVnetHeader: Int16 = 0x4000
+
+    /// Opens /dev/net/tun and attaches it (TUNSETIFF with `flags`) to interface `name` in the
+    /// namespace, creating it if it does not exist: then it lives only as long as a descriptor
+    /// of it is open (it is not persistent). This thread enters the namespace for the ioctl
+    /// and goes back. Returns the descriptor (close-on-exec), which the caller closes.
+    public func openTap(_ name: String, flags: Int16) throws -> Int32 {
+        let home = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
+        let target = open("/run/netns/\(self.name)", O_RDONLY | O_CLOEXEC)
+        defer {
+            if home >= 0 { close(home) }
+            if target >= 0 { close(target) }
+        }
+        guard home >= 0, target >= 0, Self.setns(target, Self.cloneNewNet) == 0 else {
+            throw NamespaceFailure(description: "entering network namespace \(self.name): errno \(errno)")
+        }
+        let fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC)
+        var code: Int32 = 0
+        if fd >= 0 {
+            // struct ifreq: ifr_name[16], then ifr_flags (a short) in the union; 40 bytes.
+            var request = [UInt8](repeating: 0, count: 40)
+            for (index, byte) in name.utf8.prefix(15).enumerated() { request[index] = byte }
+            request.withUnsafeMutableBytes { $0.storeBytes(of: flags, toByteOffset: 16, as: Int16.self) }
+            if request.withUnsafeMutableBytes({ raw in raw.baseAddress.map { ioctl(fd, Self.tunSetIFF, $0) } ?? -1 }) != 0 { code = errno }
+        } else {
+            code = errno
+        }
+        let back = Self.setns(home, Self.cloneNewNet)
+        guard fd >= 0, code == 0 else {
+            if fd >= 0 { close(fd) }
+            throw NamespaceFailure(description: "attaching to tap \(name): errno \(code)")
+        }
+        guard back == 0 else {
+            close(fd)
+            throw NamespaceFailure(description: "leaving network namespace \(self.name): errno \(errno)")
+        }
+        return fd
+    }
+
+    /// Whether interface `name` exists in the namespace.
+    public func hasInterface(_ name: String) throws -> Bool {
+        try command(["-n", self.name, "-o", "link", "show"]).split(separator: "\n").contains { line in
+            line.split(separator: " ").dropFirst().first.map { $0.hasPrefix("\(name):") || $0.hasPrefix("\(name)@") } ?? false
+        }
+    }
+
+    /// linux/if_tun.h TUNSETIFF: _IOW('T', 202, int).
+    static let tunSetIFF: UInt = 0x4004_54ca
+    /// sched.h CLONE_NEWNET; setns(2) through dlsym, as Glibc's module does not export it
+    /// (it is behind _GNU_SOURCE).
+    static let cloneNewNet: Int32 = 0x4000_0000
+    static func setns(_ fd: Int32, _ type: Int32) -> Int32 {
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "setns") else { return -1 }
+        return unsafeBitCast(symbol, to: (@convention(c) (Int32, Int32) -> Int32).self)(fd, type)
+    }
+
     public func mac(of interface: String) throws -> String {
         let text = try command(["-n", name, "-o", "link", "show", interface])
         let words = text.split(separator: " ")

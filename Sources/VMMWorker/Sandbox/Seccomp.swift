@@ -56,9 +56,11 @@ enum Seccomp {
     /// What QMP NIC hot-plug adds to the ioctl requests, only with an api-channel: netdev_add
     /// and device_add look the tap up (SIOCGIFINDEX, on a socket made before the filter; no
     /// socket(2) is allowed), and device_add attaches to it as -netdev does (TUNSETIFF,
-    /// TUNSETVNETHDRSZ, TUNSETOFFLOAD on the /dev/net/tun descriptor it opens).
+    /// TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD on the /dev/net/tun descriptor it opens);
+    /// netdev_add fd= checks and sets up a tap passed with getfd the same way (TUNGETIFF and
+    /// on).
     static var hotplugIoctls: [UInt64] {
-        var requests: [UInt] = [0, 0, 0, 0]
+        var requests = [UInt](repeating: 0, count: Int(FL_TAP_HOTPLUG_REQUESTS))
         requests.withUnsafeMutableBufferPointer { fl_tap_hotplug_requests($0.baseAddress) }
         return requests.map { UInt64($0) }
     }

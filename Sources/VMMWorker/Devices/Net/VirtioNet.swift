@@ -50,13 +50,16 @@ public final class VirtioNetDevice: VirtioDevice {
     static let transmitQueue = 1
 
     public let id: String
-    public let tapName: String
     public let mac: MACAddress
     public let loop: EventLoop
     let memory: GuestMemory
-    /// The tap, non-blocking, with a 12-byte virtio-net header before every frame (public for
-    /// net-bench, which compares plain reads and writes on the same descriptor).
-    public let tapFD: Int32
+    /// The tap: non-blocking, with a 12-byte virtio-net header before every frame. Shared with
+    /// the netdev that holds it (netdev_add fd=), which outlives a device_del.
+    public let tap: Tap
+    /// The tap's interface name.
+    public var tapName: String { tap.name }
+    /// The tap's descriptor (public for net-bench, which compares plain reads and writes on it).
+    public var tapFD: Int32 { tap.fd }
     static let scratchSize = 64
 
     public var deviceID: UInt32 { Virtio.DeviceID.network }
@@ -88,27 +91,31 @@ public final class VirtioNetDevice: VirtioDevice {
         state.withLock { ($0.receiver.frames, $0.transmitter.frames, $0.receiver.dropped, $0.transmitter.dropped) }
     }
 
-    /// Attaches to the tap `net.hostDeviceName`; fails naming the option and the reason.
-    /// `interfaces` looks the tap up where if_nametoindex(3) cannot run (after start-up, under
-    /// the seccomp filter: QMP device_add).
-    public init(net: NetConfig, memory: GuestMemory, loop: EventLoop, interfaces: NetInterfaces? = nil) throws(DeviceError) {
-        id = net.id
-        tapName = net.hostDeviceName
-        mac = net.mac ?? Self.defaultMAC(for: net)
-        self.memory = memory
-        self.loop = loop
+    /// Attaches to the tap `net.hostDeviceName` (by name: -netdev, netdev_add ifname=) and
+    /// serves it as ``init(id:tap:mac:memory:loop:)`` does; fails naming the option and the
+    /// reason. `interfaces` looks the tap up where if_nametoindex(3) cannot run (after start-up,
+    /// under the seccomp filter: QMP device_add).
+    public convenience init(net: NetConfig, memory: GuestMemory, loop: EventLoop, interfaces: NetInterfaces? = nil) throws(DeviceError) {
         let option = "-netdev id=\(net.id),netdev=\(net.hostDeviceName) / net.host_dev_name"
         guard interfaces?.exists(net.hostDeviceName) ?? (if_nametoindex(net.hostDeviceName) != 0) else {
             throw DeviceError(.setup, "\(option): no network interface '\(net.hostDeviceName)' (create the tap device first)")
         }
-        var step: UnsafePointer<CChar>?
-        let fd = fl_tap_open(net.hostDeviceName, Int32(Self.headerSize), 0, &step)
-        guard fd >= 0 else {
-            let what = step.map { String(cString: $0) } ?? "open"
-            throw DeviceError(
-                .setup, "\(option): cannot attach to tap '\(net.hostDeviceName)': \(what): \(String(cString: strerror(errno)))")
+        let tap: Tap
+        do {
+            tap = try Tap.open(name: net.hostDeviceName)
+        } catch {
+            throw DeviceError(.setup, "\(option): cannot attach to tap '\(net.hostDeviceName)': \(error)")
         }
-        tapFD = fd
+        self.init(id: net.id, tap: tap, mac: net.mac ?? Self.defaultMAC(id: net.id, tap: net.hostDeviceName), memory: memory, loop: loop)
+    }
+
+    /// A NIC `id` on `tap`, set up already (``Tap``: by name, or a descriptor passed in).
+    public init(id: String, tap: Tap, mac: MACAddress, memory: GuestMemory, loop: EventLoop) {
+        self.id = id
+        self.tap = tap
+        self.mac = mac
+        self.memory = memory
+        self.loop = loop
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Self.scratchSize, alignment: 16)
         scratch.initializeMemory(as: UInt8.self, repeating: 0, count: Self.scratchSize)
         let header = iovec(iov_base: scratch, iov_len: Self.headerSize)
@@ -116,20 +123,22 @@ public final class VirtioNetDevice: VirtioDevice {
         state = Mutex(
             State(
                 scratch: scratch,
-                receiver: NetReceiveHandler(tapFD: fd, memory: memory, overflow: overflow),
-                transmitter: NetTransmitHandler(tapFD: fd, memory: memory, header: header)))
+                receiver: NetReceiveHandler(tapFD: tap.fd, memory: memory, overflow: overflow),
+                transmitter: NetTransmitHandler(tapFD: tap.fd, memory: memory, header: header)))
     }
 
     deinit {
-        close(tapFD)
         state.withLock { $0.scratch.deallocate() }
     }
 
     /// A stable locally administered unicast address for a NIC without `mac`: FNV-1a of its
     /// id and tap name, with the U/L bit set and the I/G bit clear (IEEE 802-2014 §8.2).
-    static func defaultMAC(for net: NetConfig) -> MACAddress {
+    static func defaultMAC(for net: NetConfig) -> MACAddress { defaultMAC(id: net.id, tap: net.hostDeviceName) }
+
+    /// ``defaultMAC(for:)`` for NIC `id` on interface `tap`.
+    public static func defaultMAC(id: String, tap: String) -> MACAddress {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in "\(net.id)/\(net.hostDeviceName)".utf8 {
+        for byte in "\(id)/\(tap)".utf8 {
             hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3
         }
         func octet(_ index: UInt64) -> UInt8 { UInt8(truncatingIfNeeded: hash >> (8 * index)) }
@@ -156,8 +165,9 @@ public final class VirtioNetDevice: VirtioDevice {
             // The offloads this driver took, in the handlers and the tap (§5.1.3; the tap hands
             // GSO and partial-checksum frames only to a driver that accepted them).
             let offloads = NetOffloads(features: activation.features)
-            guard fl_tap_set_offload(tapFD, offloads.tapOffloads) == 0 else {
-                throw DeviceError(.setup, "\(device): TUNSETOFFLOAD on tap '\(tapName)': \(String(cString: strerror(errno)))")
+            let code = tap.setOffloads(offloads.tapOffloads)
+            guard code == 0 else {
+                throw DeviceError(.setup, "\(device): TUNSETOFFLOAD on tap '\(tapName)': \(String(cString: strerror(code)))")
             }
             state.receiver.offloads = offloads
             state.receiver.pendingCount = 0
@@ -181,7 +191,7 @@ public final class VirtioNetDevice: VirtioDevice {
             // The taken chains go with the queue; the next driver sets its own offloads.
             state.receiver.pendingCount = 0
             state.receiver.pendingCapacity = 0
-            _ = fl_tap_set_offload(tapFD, 0)
+            _ = tap.setOffloads(0)
         }
     }
 
