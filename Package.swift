@@ -76,7 +76,7 @@ let package = Package(
 
         // Shared helpers for the test suites: locating built executables, running processes,
         // temporary directories.
-        .target(name: "FlotillaTestSupport", dependencies: ["Protocol"], path: "Tests/TestSupport", swiftSettings: strict),
+        .target(name: "FlotillaTestSupport", dependencies: ["Protocol", "CLinux"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "ProtocolTests", dependencies: ["Protocol"], swiftSettings: strict),
         .testTarget(
             name: "CLITests",

@@ -163,33 +163,55 @@ public enum QMPHotplug {
 
     /// A netdev_add: the tap a NIC will attach to.
     public struct Netdev: Sendable, Equatable {
+        /// Where the tap comes from.
+        public enum Source: Sendable, Equatable {
+            /// `ifname`: the tap interface, which must exist (the VMM attaches, never creates).
+            case ifname(String)
+            /// `fd`: the name of a tap descriptor the client passed with getfd (QEMU's
+            /// monitor_fd_param), taken out of the connection's descriptors by netdev_add.
+            case descriptor(String)
+        }
         public var id: String
-        /// The tap interface (`ifname`), which must exist: the VMM attaches, never creates.
-        public var ifname: String
+        public var source: Source
 
         public init(id: String, ifname: String) {
             self.id = id
-            self.ifname = ifname
+            source = .ifname(ifname)
+        }
+
+        public init(id: String, fd: String) {
+            self.id = id
+            source = .descriptor(fd)
         }
     }
 
+    /// QEMU's refusal of the members that name a tap some other way next to `fd` (net/tap.c).
+    public static let invalidWithFD =
+        "ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, fds=, and vhostfds= are invalid with fd="
+
     /// netdev_add as StratoVirt's qmp_schema `netdev_add` spells it: `id`, `ifname` (the tap),
-    /// and QEMU's `type` ("tap", the only backend). The members StratoVirt also accepts are
-    /// taken where they ask for what the device does anyway (`vhost` off, `queues` 1,
-    /// `script`/`downscript` "no": no script ever runs) and otherwise refused naming why;
-    /// descriptors passed in (`fd`, `fds`, `vhostfd`, `vhostfds`) are not supported yet.
+    /// and QEMU's `type` ("tap", the only backend), or QEMU's `fd` instead of `ifname`: a tap
+    /// passed with getfd, by its fdname. The members StratoVirt also accepts are taken where
+    /// they ask for what the device does anyway (`vhost` off, `queues` 1, `script`/`downscript`
+    /// "no": no script ever runs) and otherwise refused naming why; `fd` goes with none of
+    /// `ifname`, `script`, `downscript`, `queues` (QEMU's rule and words); a descriptor number
+    /// as `fd`, and `fds`, `vhostfd`, `vhostfds`, are not supported.
     public static func netdevAdd(_ object: JSONObject) throws(QMPArgumentError) -> Netdev {
-        let descriptors = ["fd", "fds", "vhostfd", "vhostfds"]
+        let descriptors = ["fds", "vhostfd", "vhostfds"]
         let arguments = try QMPArguments(
-            object, allowed: Set(["id", "ifname", "type", "vhost", "queues", "script", "downscript"] + descriptors))
+            object, allowed: Set(["id", "ifname", "fd", "type", "vhost", "queues", "script", "downscript"] + descriptors))
         let id = try arguments.string("id")
         try check { () throws(ConfigError) in try ConfigRules.checkID(id, field: "id") }
         if let type = try arguments.optionalString("type"), type != "tap" {
             throw QMPArgumentError("Parameter 'type' value '\(type)' is not supported on a MicroVm; allowed: 'tap'")
         }
+        let fd = try arguments.optionalString("fd")
+        if fd != nil, ["ifname", "script", "downscript", "queues", "fds", "vhostfds"].contains(where: arguments.has) {
+            throw QMPArgumentError(invalidWithFD)
+        }
         for key in descriptors where arguments.has(key) {
             throw QMPArgumentError(
-                "Parameter '\(key)' is not supported: name the tap with 'ifname' (the VMM attaches to an existing tap itself)")
+                "Parameter '\(key)' is not supported: name the tap with 'ifname', or pass one tap with getfd and name it with 'fd'")
         }
         switch arguments.object["vhost"] {
         case nil, .bool(false), .string("off"), .string("false"): break
@@ -204,6 +226,16 @@ public enum QMPHotplug {
             if let value = try arguments.optionalString(key), value != "no" {
                 throw QMPArgumentError("Parameter '\(key)' value '\(value)' is not supported: the VMM runs no scripts; allowed: 'no'")
             }
+        }
+        if let fd {
+            // QEMU reads a leading digit as a descriptor number the process already has
+            // (monitor_fd_param); getfd refuses such names, so they cannot be one of ours.
+            if let first = fd.utf8.first, first >= UInt8(ascii: "0"), first <= UInt8(ascii: "9") {
+                throw QMPArgumentError(
+                    "Invalid file descriptor number '\(fd)': descriptor numbers of the VMM process are not accepted; "
+                        + "pass the tap with getfd and give its fdname")
+            }
+            return Netdev(id: id, fd: fd)
         }
         guard let ifname = try arguments.optionalString("ifname") else {
             throw QMPArgumentError("Parameter 'ifname' is missing")

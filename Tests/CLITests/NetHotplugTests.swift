@@ -231,4 +231,121 @@ struct NetHotplugTests {
         #expect(links.split(separator: "\n").count == 4, "lo and the three taps only: \(links)")
         #expect(try directory.contents() == ["disk.img"])
     }
+
+    @Test(
+        "netdev_add fd=: a tap the client opened in the namespace and passed with getfd is taken out of the connection, checked and set up; a NIC on it ARPs and pings the namespace's kernel; device_del leaves it with the netdev, netdev_del closes it, and so does the VM's end; unknown names, descriptor numbers, fd with ifname, a socket and a tap without a vnet header are refused in QEMU's words and a refused descriptor is closed"
+    )
+    func tapPassedWithGetfd() throws {
+        typealias N = NetworkNamespace
+        let namespace = try NetworkNamespace()
+        defer { namespace.remove() }
+        // The test opens the tap itself, as a manager that keeps /dev/net/tun from the VMM
+        // does; it is not persistent, so it exists only while a descriptor of it is open.
+        let full = N.iffTap | N.iffNoPI | N.iffVnetHeader
+        var tapFD = try namespace.openTap("flfd0", flags: full)
+        defer { if tapFD >= 0 { close(tapFD) } }
+        try namespace.command(["-n", namespace.name, "addr", "add", "10.79.1.1/24", "dev", "flfd0"])
+        try namespace.command(["-n", namespace.name, "link", "set", "flfd0", "up"])
+        let tapMAC = try namespace.mac(of: "flfd0")
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let api = directory.file("api.sock")
+        let process = try BackgroundProcess(
+            namespace.ip,
+            namespace.vmmArguments(
+                vmm,
+                [
+                    "-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append",
+                    "console=ttyS0 flotilla.hold=1 flotilla.rescan=1 flotilla.net=10.79.1.2,10.79.1.1", "-api-channel", "unix:\(api)",
+                ]))
+        let qmp = try QMPTestClient(path: api)
+        try qmp.handshake()
+        #expect(process.waitForOutput("flotilla-guest: holding", timeout: 60), "\(process.standardOutput)")
+
+        // Refusals before any descriptor is taken.
+        #expect(
+            qmpError(try qmp.execute("netdev_add", arguments: ["id": "n", "fd": "nothere"]))
+                == ("GenericError", "File descriptor named 'nothere' has not been found"))
+        #expect(
+            qmpError(try qmp.execute("netdev_add", arguments: ["id": "n", "fd": "x", "ifname": "flfd0"]))
+                == ("GenericError", QMPHotplug.invalidWithFD))
+        let (numberClass, numberText) = qmpError(try qmp.execute("netdev_add", arguments: ["id": "n", "fd": "3"]))
+        #expect(numberClass == "GenericError" && numberText?.hasPrefix("Invalid file descriptor number '3': ") == true)
+
+        // A socket is not a tap: QEMU's TUNGETIFF words; the descriptor was taken and closed.
+        var ends: [Int32] = [-1, -1]
+        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &ends) == 0)
+        defer { close(ends[1]) }
+        #expect(try qmp.execute("getfd", arguments: ["fdname": "sock"], passing: ends[0])["return"] == [:])
+        close(ends[0])
+        let (socketClass, socketText) = qmpError(try qmp.execute("netdev_add", arguments: ["id": "n", "fd": "sock"]))
+        #expect(socketClass == "GenericError", "\(socketText ?? "")")
+        #expect(
+            socketText?.hasPrefix("Unable to query TUNGETIFF on FD ") == true
+                && socketText?.hasSuffix(": Inappropriate ioctl for device") == true, "\(socketText ?? "")")
+        var byte: UInt8 = 0
+        #expect(recv(ends[1], &byte, 1, Int32(MSG_DONTWAIT)) == 0, "the VMM closed the socket it refused")
+        #expect(
+            qmpError(try qmp.execute("closefd", arguments: ["fdname": "sock"]))
+                == ("GenericError", "File descriptor named 'sock' not found"))
+
+        // A tap without a vnet header is refused naming what it lacks; closed, it goes.
+        let plain = try namespace.openTap("flfd1", flags: N.iffTap | N.iffNoPI)
+        #expect(try qmp.execute("getfd", arguments: ["fdname": "plain"], passing: plain)["return"] == [:])
+        close(plain)
+        let (plainClass, plainText) = qmpError(try qmp.execute("netdev_add", arguments: ["id": "n", "fd": "plain"]))
+        #expect(plainClass == "GenericError")
+        #expect(
+            plainText?.hasPrefix("netdev 'n': file descriptor 'plain': interface 'flfd1' was attached without IFF_VNET_HDR") == true,
+            "\(plainText ?? "")")
+        #expect(!(try namespace.hasInterface("flfd1")), "the refused tap was closed")
+
+        // The tap: getfd, then netdev_add takes it (closefd no longer finds it); the VMM's
+        // descriptor is the only one left, and keeps the interface.
+        #expect(try qmp.execute("getfd", arguments: ["fdname": "tap0"], passing: tapFD)["return"] == [:])
+        close(tapFD)
+        tapFD = -1
+        #expect(try qmp.execute("netdev_add", arguments: ["type": "tap", "id": "fdnet", "fd": "tap0"])["return"] == [:])
+        #expect(
+            qmpError(try qmp.execute("closefd", arguments: ["fdname": "tap0"]))
+                == ("GenericError", "File descriptor named 'tap0' not found"))
+        #expect(try namespace.hasInterface("flfd0"))
+        let plugged = try qmp.execute(
+            "device_add", arguments: ["id": "fdnic", "driver": "virtio-net-mmio", "netdev": "fdnet", "mac": "52:54:00:46:44:30"])
+        #expect(plugged["return"] == [:], "\(plugged)")
+        #expect(
+            process.waitForLine(containing: "fact device virtio-net base=0xd0004000 irq=9 nic=0 mac=52:54:00:46:44:30 link=1", timeout: 60),
+            "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "check net_ping", timeout: 60), "\(process.standardOutput)")
+        let report = GuestReport(output: process.standardOutput)
+        #expect(report.checks["net0"] == "ok" && report.checks["net_ping"] == "ok", "\(report.lines)")
+        let arp = try #require(report.lines.first { $0.contains("check net_arp") })
+        #expect(arp.contains("check net_arp ok") && arp.contains("peer=\(tapMAC)"), "\(arp) vs tap \(tapMAC)")
+        let neighbours = try namespace.command(["-n", namespace.name, "neigh", "show", "dev", "flfd0"])
+        #expect(neighbours.contains("10.79.1.2 lladdr 52:54:00:46:44:30"), "\(neighbours)")
+
+        // device_del: the NIC goes, the netdev keeps the tap (as QEMU's tap netdev does);
+        // netdev_del closes it, and the interface, which only that descriptor kept, goes.
+        #expect(try qmp.execute("device_del", arguments: ["id": "fdnic"])["return"] == [:])
+        #expect(
+            process.waitForLine(containing: "fact device-removed base=0xd0004000 irq=9 device_id=1", timeout: 60),
+            "\(process.standardOutput)")
+        #expect(try namespace.hasInterface("flfd0"), "the netdev still holds the tap")
+        #expect(try qmp.execute("netdev_del", arguments: ["id": "fdnet"])["return"] == [:])
+        #expect(!(try namespace.hasInterface("flfd0")), "netdev_del closed the tap")
+
+        // The VM's end closes a passed tap a netdev still holds.
+        let held = try namespace.openTap("flfd2", flags: full)
+        #expect(try qmp.execute("getfd", arguments: ["fdname": "held"], passing: held)["return"] == [:])
+        close(held)
+        #expect(try qmp.execute("netdev_add", arguments: ["id": "held", "fd": "held"])["return"] == [:])
+        #expect(try namespace.hasInterface("flfd2"))
+
+        let failed = GuestReport(output: process.standardOutput).lines.filter { $0.contains("check ") && $0.contains(" fail") }
+        #expect(failed.isEmpty, "\(failed)")
+        #expect(try qmp.execute("quit")["return"] == [:])
+        #expect(process.wait() == 0, "\(process.standardError)")
+        #expect(!(try namespace.hasInterface("flfd2")), "the VM's end closed the tap")
+        #expect(try directory.contents().isEmpty)
+    }
 }

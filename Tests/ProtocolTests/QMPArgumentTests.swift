@@ -146,7 +146,7 @@ struct QMPHotplugArgumentTests {
     }
 
     @Test(
-        "netdev_add as StratoVirt spells it (id, ifname) and QEMU's type=tap; vhost/queues/scripts only where they ask for what the device does; passed descriptors refused"
+        "netdev_add as StratoVirt spells it (id, ifname) and QEMU's type=tap or fd=NAME (a getfd name); vhost/queues/scripts only where they ask for what the device does; fd= with ifname/scripts/queues refused in QEMU's words; descriptor numbers, fds, vhostfds refused"
     )
     func netdevAdd() throws {
         #expect(try QMPHotplug.netdevAdd(["id": "net-0", "ifname": "tap0"]) == .init(id: "net-0", ifname: "tap0"))
@@ -175,6 +175,19 @@ struct QMPHotplugArgumentTests {
         #expect(refused(["id": "n", "ifname": "a-very-long-tap-name"])?.contains("allowed: 1 to 15 bytes") == true)
         #expect(refused(["id": "n", "ifname": ""])?.contains("not a valid tap device name") == true)
         #expect(refused(["id": "n", "fds": "fd1"])?.hasPrefix("Parameter 'fds' is not supported") == true)
+        // fd=: a tap passed with getfd, by name, instead of ifname.
+        #expect(try QMPHotplug.netdevAdd(["id": "n", "type": "tap", "fd": "tap0"]) == .init(id: "n", fd: "tap0"))
+        #expect(try QMPHotplug.netdevAdd(["id": "n", "fd": "t", "vhost": false]) == .init(id: "n", fd: "t"))
+        #expect(refused(["id": "n", "fd": 4]) == "Invalid parameter type for 'fd', expected: string")
+        for other: JSONObject in [["ifname": "tap0"], ["script": "no"], ["downscript": "no"], ["queues": 1], ["fds": "a:b"]] {
+            var object: JSONObject = ["id": "n", "fd": "tap0"]
+            for (key, value) in other { object[key] = value }
+            #expect(refused(object) == QMPHotplug.invalidWithFD, "\(other)")
+        }
+        #expect(
+            QMPHotplug.invalidWithFD
+                == "ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, fds=, and vhostfds= are invalid with fd=")
+        #expect(refused(["id": "n", "fd": "5"])?.hasPrefix("Invalid file descriptor number '5': ") == true)
         #expect(refused(["id": "n", "ifname": "t", "vhostfd": "3"])?.hasPrefix("Parameter 'vhostfd' is not supported") == true)
         #expect(refused(["id": "n", "ifname": "t", "vhost": true])?.hasPrefix("Parameter 'vhost' is not supported") == true)
         #expect(refused(["id": "n", "ifname": "t", "queues": 4])?.hasPrefix("Parameter 'queues' is not supported") == true)

@@ -1,3 +1,4 @@
+import CLinux
 import Foundation
 import Glibc
 import Protocol
@@ -94,6 +95,16 @@ public final class QMPTestClient {
     /// Executes a command and returns its reply.
     public func execute(_ name: String, arguments: JSONObject = JSONObject(), id: JSONValue? = nil) throws -> JSONObject {
         try send(QMP.Command(name: name, arguments: arguments, id: id))
+        var events: [JSONObject] = []
+        return try reply(events: &events)
+    }
+
+    /// Executes a command sent with `descriptor` attached (SCM_RIGHTS, as for getfd) and
+    /// returns its reply. The caller keeps its own copy of the descriptor.
+    public func execute(_ name: String, arguments: JSONObject = JSONObject(), passing descriptor: Int32) throws -> JSONObject {
+        let bytes = Array((QMP.Command(name: name, arguments: arguments).jsonValue.compactText + "\n").utf8)
+        let sent = bytes.withUnsafeBytes { fl_send_with_fd(fd, $0.baseAddress, $0.count, 0, descriptor) }
+        guard sent == bytes.count else { throw Failure(description: "sendmsg failed: errno \(errno)") }
         var events: [JSONObject] = []
         return try reply(events: &events)
     }

@@ -29,10 +29,13 @@ final class DeviceHotplug: Sendable {
         var device: String?
     }
 
-    /// A tap a NIC attaches to: its name only (checked to exist); the NIC's device opens it
-    /// on device_add and closes it on device_del, so an unplugged NIC holds nothing.
+    /// A tap a NIC attaches to: by name (checked to exist; the NIC's device opens it on
+    /// device_add and closes it on device_del, so an unplugged NIC holds nothing), or a
+    /// descriptor passed with getfd (netdev_add fd=), held here until netdev_del.
     struct Netdev {
         let ifname: String
+        /// The descriptor netdev_add fd= took; nil for a tap named by `ifname`.
+        let tap: Tap?
         /// Created by netdev_add, not by -netdev.
         let monitorOwned: Bool
         var device: String?
@@ -112,7 +115,7 @@ final class DeviceHotplug: Sendable {
         }
         for slot in VirtioPlan.nicSlots {
             guard let device = vm.replaceableSlots[slot].transport?.device as? VirtioNetDevice else { continue }
-            initial.netdevs.append((device.id, Netdev(ifname: device.tapName, monitorOwned: false, device: device.id)))
+            initial.netdevs.append((device.id, Netdev(ifname: device.tapName, tap: nil, monitorOwned: false, device: device.id)))
             initial.devices.append(Device(id: device.id, slot: slot, kind: .nic(netdev: device.id)))
         }
         state.withLock { $0 = initial }

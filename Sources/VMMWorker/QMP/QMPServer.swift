@@ -18,16 +18,25 @@ public struct QMPCommandError: Error, Sendable {
 /// Handlers run on the server's event loop thread.
 public struct QMPCommandTable: Sendable {
     public typealias Handler = @Sendable (_ arguments: JSONObject) -> Result<JSONValue, QMPCommandError>
+    /// A command that may take descriptors the client passed before with getfd.
+    public typealias DescriptorHandler =
+        @Sendable (_ arguments: JSONObject, _ descriptors: QMPNamedDescriptors) -> Result<JSONValue, QMPCommandError>
 
-    private(set) var handlers: [String: Handler] = [:]
+    private(set) var handlers: [String: DescriptorHandler] = [:]
     /// Called after a reply is sent (e.g. `quit` ends the process once its reply is out).
     private(set) var afterReply: [String: @Sendable () -> Void] = [:]
 
     public init() {}
 
     public mutating func register(_ name: String, afterReply: (@Sendable () -> Void)? = nil, _ handler: @escaping Handler) {
-        handlers[name] = handler
+        handlers[name] = { arguments, _ in handler(arguments) }
         if let afterReply { self.afterReply[name] = afterReply }
+    }
+
+    /// Registers a command that may take descriptors the client holds by name (getfd), as
+    /// QEMU's netdev_add fd= does (monitor_fd_param).
+    public mutating func register(_ name: String, takingDescriptors handler: @escaping DescriptorHandler) {
+        handlers[name] = handler
     }
 
     /// Registers a command that takes no arguments: any member of `arguments` is refused as
@@ -46,6 +55,19 @@ public struct QMPCommandTable: Sendable {
     }
 
     public var names: [String] { handlers.keys.sorted() }
+}
+
+/// The descriptors one client connection holds by name (getfd), as a command handler sees
+/// them: only for the duration of the call, on the server's loop thread.
+public struct QMPNamedDescriptors {
+    let taking: (String) -> Int32?
+
+    /// Removes descriptor `name` from the connection and returns it, now the caller's to
+    /// close (QEMU's monitor_get_fd); nil when the connection holds none by that name.
+    public func take(_ name: String) -> Int32? { taking(name) }
+
+    /// A connection without descriptors (for tests that call handlers directly).
+    public static var none: QMPNamedDescriptors { QMPNamedDescriptors { _ in nil } }
 }
 
 /// The api-channel: a QMP server on a Unix stream socket (QMP spec, docs/interop/qmp-spec.rst).
@@ -272,7 +294,7 @@ public final class QMPServer: Sendable {
                     QMP.frame(QMP.error(.commandNotFound, "The command \(command.name) has not been found", id: command.id)))
                 return
             }
-            result = handler(command.arguments)
+            result = handler(command.arguments, QMPNamedDescriptors { connection.namedFDs.removeValue(forKey: $0) })
         }
         switch result {
         case .success(let value):
