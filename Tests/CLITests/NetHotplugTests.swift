@@ -233,7 +233,7 @@ struct NetHotplugTests {
     }
 
     @Test(
-        "netdev_add fd=: a tap the client opened in the namespace and passed with getfd is taken out of the connection, checked and set up; a NIC on it ARPs and pings the namespace's kernel; device_del leaves it with the netdev, netdev_del closes it, and so does the VM's end; unknown names, descriptor numbers, fd with ifname, a socket and a tap without a vnet header are refused in QEMU's words and a refused descriptor is closed"
+        "netdev_add fd=: a tap the client opened in the namespace and passed with getfd is taken out of the connection, checked and set up; a NIC on it ARPs and pings the namespace's kernel; device_del leaves it with the netdev (a NIC plugged again pings too), netdev_del closes it, and so does the VM's end; unknown names, descriptor numbers, fd with ifname, a socket and a tap without a vnet header are refused in QEMU's words and a refused descriptor is closed"
     )
     func tapPassedWithGetfd() throws {
         typealias N = NetworkNamespace
@@ -331,6 +331,19 @@ struct NetHotplugTests {
             process.waitForLine(containing: "fact device-removed base=0xd0004000 irq=9 device_id=1", timeout: 60),
             "\(process.standardOutput)")
         #expect(try namespace.hasInterface("flfd0"), "the netdev still holds the tap")
+        // So a NIC can be plugged on it again, and works (its ping is the second one).
+        #expect(
+            try qmp.execute("device_add", arguments: ["id": "fdnic2", "driver": "virtio-net-mmio", "netdev": "fdnet"])["return"] == [:])
+        #expect(
+            process.waitForLine(containing: "fact device virtio-net base=0xd0004000 irq=9 nic=1", timeout: 60), "\(process.standardOutput)")
+        #expect(process.waitForLine(containing: "check net_ping", count: 2, timeout: 60), "\(process.standardOutput)")
+        let again = Self.lines(after: "fact device virtio-net base=0xd0004000 irq=9 nic=1", in: process.standardOutput)
+        #expect(again.contains { $0.contains("check net_ping ok") }, "\(again)")
+        #expect(
+            qmpError(try qmp.execute("netdev_del", arguments: ["id": "fdnet"]))
+                == ("GenericError", "Netdev 'fdnet' is in use by device 'fdnic2'; device_del it first"))
+        #expect(try qmp.execute("device_del", arguments: ["id": "fdnic2"])["return"] == [:])
+        #expect(process.waitForLine(containing: "fact device-removed base=0xd0004000", count: 2, timeout: 60), "\(process.standardOutput)")
         #expect(try qmp.execute("netdev_del", arguments: ["id": "fdnet"])["return"] == [:])
         #expect(!(try namespace.hasInterface("flfd0")), "netdev_del closed the tap")
 
