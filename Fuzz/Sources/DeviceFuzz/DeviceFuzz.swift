@@ -52,7 +52,8 @@ struct DeviceCase {
     var indirect: Bool
     var secondRound: Bool
     /// Per device: blk read-only image; rng/blk throttled; console transmit into a port with
-    /// `param` bytes of room (then more); balloon on RAM with the hole and a high region.
+    /// `param` bytes of room (then more); balloon on RAM with the hole and a high region; net
+    /// with the features `param` selects (netFeatures).
     var variant: Bool
     var layout: VirtqueueLayout
     var blobAddress: UInt64
@@ -64,7 +65,7 @@ struct DeviceCase {
     var table: ArraySlice<UInt8>
     var ring: ArraySlice<UInt8>
     var blob: ArraySlice<UInt8>
-    /// Host-side input: frames for the stand-in tap, bytes for the console port.
+    /// Host-side input: frames for the tap (a socket pair), bytes for the console port.
     var host: ArraySlice<UInt8>
 
     init(_ bytes: [UInt8]) {
@@ -114,6 +115,19 @@ struct DeviceCase {
         let inside = min(UInt64(bytes.count), end - address)
         must { try memory.write(bytes.prefix(Int(inside)), at: address) }
     }
+}
+
+/// The virtio-net features (§5.1.3) a net input's variant negotiates, one per bit of `param`:
+/// CSUM, GUEST_CSUM, GUEST_TSO4, GUEST_TSO6, GUEST_ECN, HOST_TSO4, HOST_TSO6, HOST_ECN,
+/// MRG_RXBUF, MAC, STATUS — any combination, including ones §5.1.3.1 forbids (a TSO bit without
+/// its CSUM bit), which the device must treat as not accepted.
+func netFeatures(_ param: UInt16) -> UInt64 {
+    typealias F = VirtioNetDevice.Feature
+    let bits = [
+        F.checksum, F.guestChecksum, F.guestTSO4, F.guestTSO6, F.guestECN, F.hostTSO4, F.hostTSO6, F.hostECN,
+        F.mergeableReceiveBuffers, F.mac, F.status,
+    ]
+    return bits.enumerated().reduce(0) { features, bit in param & (1 << bit.offset) != 0 ? features | bit.element : features }
 }
 
 /// Drivers' side of the transport (virtio 1.2 §3.1.1, §4.2.3): status, features, queues.
@@ -178,7 +192,7 @@ final class Harness {
             device = must { try VirtioRngDevice(rng: RngConfig(randomFile: "/dev/zero", bytesPerSecond: rate), memory: memory, loop: loop) }
             neverWaits = !c.variant
         case .netReceive, .netTransmit:
-            device = NetStandIn(memory: memory, loop: loop)
+            device = fuzzNet(memory: memory, loop: loop)
             neverWaits = c.kind == .netTransmit
         case .consoleReceive, .consoleTransmit:
             let consolePort = FuzzConsolePort(loop: loop)
@@ -205,9 +219,9 @@ final class Harness {
         switch device {
         case let d as VirtioBlockDevice: counters = [d.completedRequests]
         case let d as VirtioRngDevice: counters = [d.deliveredBytes]
-        case let d as NetStandIn:
-            let f = d.frames
-            counters = [f.0, f.1, f.2, f.3]
+        case let d as VirtioNetDevice:
+            let s = d.statistics
+            counters = [s.received, s.transmitted, s.receiveDropped, s.transmitDropped]
         case let d as VirtioConsoleDevice: counters = [d.receivedBytes, d.transmittedBytes]
         case let d as VirtioBalloonDevice:
             let s = d.statistics
@@ -297,6 +311,7 @@ func runCase(_ c: DeviceCase) {
     var features = Virtio.Feature.version1
     if c.eventIndex { features |= Virtio.Feature.eventIndex }
     if c.indirect { features |= Virtio.Feature.indirectDescriptors }
+    if c.variant, c.kind == .netReceive || c.kind == .netTransmit { features |= netFeatures(c.param) }
     bringUp(h.transport, features: features, queues: layouts)
     let valid = c.layout.problem(maxSize: 256, memory: memory) == nil
 

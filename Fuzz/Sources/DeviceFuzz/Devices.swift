@@ -4,8 +4,8 @@ import Protocol
 
 @testable import VMMWorker
 
-// The devices under test: every device is the VMM's own class, except virtio-net's queues,
-// served through NetStandIn (FuzzSupport/HostSides.swift) on a socket pair for the tap.
+// The devices under test: every device is the VMM's own class (virtio-net on a socket pair
+// standing in for its tap, FuzzSupport/HostSides.swift).
 
 /// What each input's device is; its queue (and for two-queue devices, the other, idle one).
 enum Kind: UInt8, CaseIterable {

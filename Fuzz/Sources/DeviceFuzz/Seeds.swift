@@ -12,7 +12,8 @@ import FuzzSupport
 ///     3..10  u16 offsets from the window base of the descriptor table (aligned down to 16),
 ///            the avail ring (to 2), the used ring (to 4) and the blob
 ///     11..18 u16 avail flags, avail idx, used_event, avail idx for the second kick
-///     19..20 u16 parameter of the variant (port room, rate, read-only or IOPS)
+///     19..20 u16 parameter of the variant (port room, rate, read-only or IOPS, the virtio-net
+///            features negotiated: netFeatures)
 ///     then   16·size bytes of descriptor table, 2·size bytes of avail ring entries, a u16
 ///            blob length and the blob (buffers, indirect tables; at most 16 KiB), each cut
 ///            short where the input ends; the rest is the host side: frames for the tap (each
@@ -193,6 +194,26 @@ func deviceSeeds() -> [(String, [UInt8])] {
             [UInt8](repeating: 0xee, count: 12) + [UInt8](repeating: 0xff, count: 6) + [2, 0, 0, 0, 0, 1, 8, 0]
             + [UInt8](repeating: 9, count: 46)
         s.host = le(UInt16(frame.count)) + frame + le(UInt16(30)) + Array(frame.prefix(30)) + le(UInt16(200)) + frame + frame + frame
+    }
+    // virtio-net with offloads: a TCPv4 GSO frame with NEEDS_CSUM out (every feature taken);
+    // frames into mergeable buffers, each chain too small for a whole one (MRG_RXBUF, GUEST_CSUM).
+    add("net-transmit-offloads", .netTransmit, flags: 8) { s in
+        s.param = 0x7ff
+        // flags NEEDS_CSUM, gso_type TCPV4, hdr_len 54, gso_size 1448, csum_start 34, csum_offset 16.
+        let header: [UInt8] = [1, 1] + le(UInt16(54)) + le(UInt16(1448)) + le(UInt16(34)) + le(UInt16(16)) + [0, 0]
+        s.put(header + [UInt8](repeating: 0xff, count: 6) + [2, 0, 0, 0, 0, 1, 8, 0] + [UInt8](repeating: 7, count: 3000), at: 0)
+        s.d(0, b, 12, flags: 1, next: 1)
+        s.d(1, b + 12, 3014)
+        s.publish(0)
+    }
+    add("net-receive-mergeable", .netReceive, flags: 8) { s in
+        s.param = 0x102
+        for i in UInt16(0)..<6 { s.d(i, b + 0x100 * UInt64(i), 40, flags: 2) }
+        s.publish(0, 1, 2, 3, 4, 5)
+        let frame =
+            [UInt8](repeating: 0, count: 12) + [UInt8](repeating: 0xff, count: 6) + [2, 0, 0, 0, 0, 1, 8, 0]
+            + [UInt8](repeating: 9, count: 60)
+        s.host = le(UInt16(frame.count)) + frame + le(UInt16(frame.count)) + frame
     }
     // virtio-console: transmit readable bytes out; receive fills writable buffers with input.
     add("console-transmit", .consoleTransmit) { s in

@@ -10,7 +10,7 @@ import Protocol
 // selects, queue set-up with hostile sizes and addresses, QueueNotify, InterruptACK, resets
 // in the middle of activity — interleaved with guest-memory writes (so activated queues have
 // something to find) and rounds of the device's event loop. The transport and devices are the
-// VMM's own (virtio-net's queues through NetStandIn, FuzzSupport/HostSides.swift).
+// VMM's own (virtio-net on a socket pair standing in for its tap, FuzzSupport/HostSides.swift).
 //
 // Invariants after every operation (fatalError: libFuzzer keeps the input as a crash):
 // - MagicValue, Version, DeviceID and VendorID read as their constants (32-bit aligned reads;
@@ -62,7 +62,7 @@ final class Slot {
         case .block: device = VirtioBlockDevice(backend: disk, memory: memory, loop: loop)
         case .rng:
             device = must { try VirtioRngDevice(rng: RngConfig(randomFile: "/dev/zero"), memory: memory, loop: loop) }
-        case .net: device = NetStandIn(memory: memory, loop: loop)
+        case .net: device = fuzzNet(memory: memory, loop: loop)
         case .console: device = VirtioConsoleDevice(id: "con0", port: FuzzConsolePort(loop: loop), memory: memory, loop: loop)
         case .balloon: device = VirtioBalloonDevice(balloon: BalloonConfig(deflateOnOOM: true), memory: memory, loop: loop)
         }
