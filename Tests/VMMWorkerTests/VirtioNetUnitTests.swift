@@ -313,6 +313,60 @@ struct VirtioNetUnitTests {
         #expect(a.bytes.0 & 3 == 2, "U/L set, I/G clear: \(a)")
     }
 
+    @Test(
+        "the device itself on a frame socket instead of a tap (as the fuzzer drives it): activation with offloads and MRG_RXBUF makes no tap ioctl, a frame goes out and one comes in with num_buffers, reset stops receiving"
+    )
+    func deviceOnFrameSocket() throws {
+        let memory = try guestMemory()
+        let loop = try EventLoop(name: "net-socket-test")
+        let thread = try loop.startThread()
+        defer {
+            loop.stop()
+            HostThread.join(thread)
+        }
+        let pair = try tapPair()
+        defer { close(pair.host) }
+        let tap = Tap(frameSocket: pair.device, name: "sock0")
+        #expect(!tap.isTap)
+        let device = VirtioNetDevice(id: "n0", tap: tap, mac: MACAddress(0x52, 0x54, 0, 1, 2, 3), memory: memory, loop: loop)
+        let t = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 4), device: device, memory: memory, vm: nil)
+        var rx = QueueAt(memory: memory, base: 0x10000)
+        var tx = QueueAt(memory: memory, base: 0x18000)
+        typealias F = VirtioNetDevice.Feature
+        // On a tap these would be TUNSETOFFLOAD 0x0f, which a socket refuses (ENOTTY).
+        bringUp(t, features: F.checksum | F.guestChecksum | F.guestTSO4 | F.hostTSO4 | F.mergeableReceiveBuffers, queues: [rx, tx])
+        #expect(t.read(offset: Virtio.MMIORegister.status, length: 4) == 15, "activated")
+
+        // Out: the 12-byte header then the frame, in one record.
+        let frame: [UInt8] = [UInt8](repeating: 0xff, count: 6) + [2, 0, 0, 0, 0, 1, 8, 0] + [UInt8](repeating: 7, count: 46)
+        try memory.write([UInt8](repeating: 0, count: Self.header) + frame, at: 0x30000)
+        try tx.descriptor(0, address: 0x30000, length: UInt32(Self.header + frame.count))
+        try tx.publish(0)
+        t.write(offset: Virtio.MMIORegister.queueNotify, length: 4, value: 1)
+        #expect(waitUntil { (try? tx.usedIndex()) == 1 })
+        #expect(receiveAll(pair.host) == [UInt8](repeating: 0, count: Self.header) + frame)
+
+        // In: into a posted buffer, num_buffers 1.
+        try rx.descriptor(0, address: 0x40000, length: 2048, flags: 2)
+        try rx.publish(0)
+        t.write(offset: Virtio.MMIORegister.queueNotify, length: 4, value: 0)
+        send(pair.host, [UInt8](repeating: 0, count: Self.header) + frame)
+        #expect(waitUntil { (try? rx.usedIndex()) == 1 })
+        #expect(try rx.usedElement(0) == (0, UInt32(Self.header + frame.count)))
+        #expect(try memory.read(UInt16.self, at: 0x40000 + 10) == 1)
+        #expect(try memory.read(at: 0x40000 + UInt64(Self.header), count: frame.count) == frame)
+        #expect(device.statistics.received == 1 && device.statistics.transmitted == 1)
+
+        // After a reset nothing reaches guest memory; the socket stays the Tap's.
+        t.write(offset: Virtio.MMIORegister.status, length: 4, value: 0)
+        try rx.descriptor(1, address: 0x41000, length: 2048, flags: 2)
+        try rx.publish(1)
+        send(pair.host, [UInt8](repeating: 0, count: Self.header) + frame)
+        settle(loop)
+        #expect(try rx.usedIndex() == 1)
+        #expect(device.statistics.received == 1)
+    }
+
     @Test("a tap that does not exist names the option")
     func missingTap() throws {
         let memory = try guestMemory()
