@@ -177,10 +177,16 @@ public enum JSONConfig {
                 }
             }
             if let value = root["vsock"] {
-                let vsock = try object(value, "vsock", allowed: ["vsock_id", "guest_cid"])
+                let vsock = try object(value, "vsock", allowed: ["vsock_id", "guest_cid", "uds_path"])
                 let cid = try unsigned(vsock, "guest_cid", "vsock", required: true) ?? 0
                 try ConfigRules.checkCID(cid, field: field("vsock.guest_cid"))
-                layer.vsock = VsockConfig(id: try requiredString(vsock, "vsock_id", "vsock"), guestCID: cid)
+                var udsPath: String?
+                if vsock["uds_path"] != nil {
+                    let path = try requiredString(vsock, "uds_path", "vsock")
+                    try ConfigRules.checkSocketPath(path, field: field("vsock.uds_path"))
+                    udsPath = path
+                }
+                layer.vsock = VsockConfig(id: try requiredString(vsock, "vsock_id", "vsock"), guestCID: cid, udsPath: udsPath)
             }
             if let value = root["serial"] {
                 let serial = try object(value, "serial", allowed: ["stdio", "socket_path"])
@@ -271,7 +277,11 @@ extension VMConfig {
             root["console"] = .array(
                 consoles.map { .object(["console_id": .string($0.id), "socket_path": .string($0.socketPath)]) })
         }
-        if let vsock { root["vsock"] = .object(["vsock_id": .string(vsock.id), "guest_cid": .integer(vsock.guestCID)]) }
+        if let vsock {
+            var object: JSONObject = ["vsock_id": .string(vsock.id), "guest_cid": .integer(vsock.guestCID)]
+            if let path = vsock.udsPath { object["uds_path"] = .string(path) }
+            root["vsock"] = .object(object)
+        }
         if let serial {
             var object: JSONObject = ["stdio": .bool(serial.stdio)]
             if let path = serial.socketPath { object["socket_path"] = .string(path) }

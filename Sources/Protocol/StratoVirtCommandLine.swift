@@ -65,8 +65,10 @@ public enum StratoVirtCommandLine {
             name: "chardev", argument: "id=ID,path=SOCKET",
             help: "virtio-console port on a Unix socket (path at most 107 bytes)", repeatable: true),
         .init(
-            name: "device", argument: "vsock,id=ID,guest-cid=N",
-            help: "vsock device; guest CID 3 to 4294967294", repeatable: false),
+            name: "device", argument: "vsock,id=ID,guest-cid=N[,uds-path=PATH]",
+            help: "vsock device; guest CID 3 to 4294967294; uds-path (Flotilla extension): served in user space on "
+                + "Unix sockets as Firecracker's (PATH must not exist; guest connections to port P go to PATH_P)",
+            repeatable: false),
         .init(
             name: "api-channel", argument: "unix:PATH",
             help: "QMP control socket (path at most 107 bytes; must not exist)", repeatable: false),
@@ -226,7 +228,7 @@ public enum StratoVirtCommandLine {
                 layer.consoles.append(ConsoleConfig(id: try opts.required("id"), socketPath: try opts.required("path")))
             case "device":
                 let opts = try OptionString(
-                    try value(for: name), option: option, impliedKey: "driver", allowedKeys: ["driver", "id", "guest-cid"])
+                    try value(for: name), option: option, impliedKey: "driver", allowedKeys: ["driver", "id", "guest-cid", "uds-path"])
                 guard opts["driver"] == "vsock" else {
                     throw ConfigError(field: "-device", value: opts["driver"] ?? "", problem: "unsupported device", allowed: "vsock")
                 }
@@ -234,7 +236,9 @@ public enum StratoVirtCommandLine {
                     throw ConfigError(field: opts.field("guest-cid"), problem: "is required")
                 }
                 try ConfigRules.checkCID(cid, field: opts.field("guest-cid"))
-                layer.vsock = VsockConfig(id: try opts.required("id"), guestCID: cid)
+                let udsPath = try opts.optionalString("uds-path")
+                if let udsPath { try ConfigRules.checkSocketPath(udsPath, field: opts.field("uds-path")) }
+                layer.vsock = VsockConfig(id: try opts.required("id"), guestCID: cid, udsPath: udsPath)
             case "api-channel":
                 let text = try value(for: name)
                 guard text.hasPrefix("unix:"), text.count > 5 else {

@@ -106,6 +106,7 @@ extension VMConfig {
         if let vsock {
             try claim(vsock.id, field: "-device vsock id / vsock.vsock_id")
             try ConfigRules.checkCID(vsock.guestCID, field: "-device vsock guest-cid / vsock.guest_cid")
+            if let path = vsock.udsPath { try ConfigRules.checkSocketPath(path, field: "-device vsock uds-path / vsock.uds_path") }
         }
         if let rng {
             try ConfigRules.checkPath(rng.randomFile, field: "-rng random_file / rng.random_file")

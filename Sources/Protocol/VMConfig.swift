@@ -158,10 +158,16 @@ public struct VsockConfig: Sendable, Equatable {
 
     public var id: String
     public var guestCID: UInt64
+    /// Flotilla extension (`uds-path=` / JSON `uds_path`), Firecracker's hybrid vsock: the
+    /// device is served in user space, host-initiated connections arrive on this Unix socket
+    /// (`CONNECT <port>\n`), guest-initiated ones to host port P go to `<udsPath>_P`. nil:
+    /// the kernel's vhost-vsock.
+    public var udsPath: String?
 
-    public init(id: String, guestCID: UInt64) {
+    public init(id: String, guestCID: UInt64, udsPath: String? = nil) {
         self.id = id
         self.guestCID = guestCID
+        self.udsPath = udsPath
     }
 }
 

@@ -102,6 +102,7 @@ struct JSONConfigTests {
         everything.machine = MachineConfig(vcpuCount: 3, memoryBytes: 6 << 30, dumpGuestCore: false, memShare: true, memPath: nil)
         everything.rng = RngConfig(randomFile: "/dev/urandom", bytesPerSecond: 4096)
         everything.balloon = BalloonConfig(deflateOnOOM: true)
+        everything.vsock?.udsPath = "/run/vm/v.sock"
         let text = everything.jsonValue.prettyText()
         #expect(try VMConfig(json: Array(text.utf8)) == everything)
         let hugePages = VMConfig(boot: BootSource(kernelImagePath: "/k"), machine: MachineConfig(memPath: "/dev/hugepages"))
@@ -167,6 +168,10 @@ struct JSONConfigTests {
         (
             #"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"vsock_id": "v", "guest_cid": 2}}"#,
             ["vsock.guest_cid", "'2'", "3 to 4294967294"]
+        ),
+        (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"vsock_id": "v", "guest_cid": 3, "uds_path": 5}}"#,
+            ["vsock.uds_path", "expected a string"]
         ),
         (
             #"{"boot-source": {"kernel_image_path": "/k"}, "rng": {"random_file": "/dev/random", "bytes_per_sec": 63}}"#,

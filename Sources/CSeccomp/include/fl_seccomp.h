@@ -11,8 +11,8 @@ enum fl_seccomp_violation {
 
 /* Installs a filter on every thread of the process (SCMP_FLTATR_CTL_TSYNC) that allows the
  * system calls named in `names` (libseccomp names, e.g. "read"), ioctl only with one of the
- * `ioctls` request numbers, and treats everything else per `violation`. Returns 0, or a
+ * `ioctls` request numbers, with `unix_connect` socket(AF_UNIX, ...) and connect, and treats everything else per `violation`. Returns 0, or a
  * negative errno value; `failed_name` then points at the name libseccomp did not know, if any. */
 int fl_seccomp_install(const char *const *names, int name_count, const uint64_t *ioctls, int ioctl_count,
-                       int violation, const char **failed_name);
+                       int unix_connect, int violation, const char **failed_name);
 #endif

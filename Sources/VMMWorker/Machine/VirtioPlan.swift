@@ -9,6 +9,9 @@ public struct VirtioDeviceSpec: Sendable {
         case balloon(BalloonConfig)
         case rng(RngConfig)
         case net(NetConfig)
+        /// The user-space vsock device and its host listener (made by the worker, which
+        /// removes it on every exit path).
+        case vsock(VsockConfig, VsockListener?)
     }
     public let slot: Int
     public let kind: Kind
@@ -34,6 +37,10 @@ public struct VirtioDeviceSpec: Sendable {
             return try VirtioRngDevice(rng: rng, memory: memory, loop: loop)
         case .net(let net):
             return try VirtioNetDevice(net: net, memory: memory, loop: loop)
+        case .vsock(let vsock, let listener):
+            return try VirtioVsockDevice(
+                id: vsock.id, guestCID: vsock.guestCID, listener: listener, udsPath: vsock.udsPath.map(Paths.absolute),
+                memory: memory, loop: loop)
         }
     }
 }
@@ -45,12 +52,17 @@ public enum VirtioPlan {
     public static let nicSlots = 4..<6
 
     /// The slots of the optional devices that `config` has, in the documented order
-    /// (consoles, vsock, balloon, rng), from slot 6 on. vsock does not exist yet (refused).
-    static func optionalSlots(for config: VMConfig) -> (consoles: [Int], balloon: Int?, rng: Int?, count: Int) {
+    /// (consoles, vsock, balloon, rng), from slot 6 on.
+    static func optionalSlots(for config: VMConfig) -> (consoles: [Int], vsock: Int?, balloon: Int?, rng: Int?, count: Int) {
         var next = nicSlots.upperBound
         var consoles: [Int] = []
         for _ in config.consoles {
             consoles.append(next)
+            next += 1
+        }
+        var vsock: Int?
+        if config.vsock != nil {
+            vsock = next
             next += 1
         }
         var balloon: Int?
@@ -63,7 +75,7 @@ public enum VirtioPlan {
             rng = next
             next += 1
         }
-        return (consoles, balloon, rng, next - nicSlots.upperBound)
+        return (consoles, vsock, balloon, rng, next - nicSlots.upperBound)
     }
 
     /// The slots announced on the kernel command line.
@@ -74,13 +86,10 @@ public enum VirtioPlan {
     /// The first configured device this build cannot provide yet, as a configuration error
     /// naming its option: refusing it is better than starting a VM without a device its
     /// owner asked for (a StratoVirt command line is meant to give the same VM).
+    /// Today that is a vsock without `uds-path`: only the kernel's vhost-vsock would serve it
+    /// (``VhostVsock/unavailable(for:)``).
     public static func unimplementedDevice(in config: VMConfig) -> ConfigError? {
-        let supported =
-            "-drive (virtio-blk), -netdev (virtio-net), -chardev (virtio-console), -balloon, -rng (virtio-rng), -serial, -iothread"
-        if let vsock = config.vsock {
-            return ConfigError(
-                field: "-device vsock / vsock", value: "id=\(vsock.id)", problem: "vhost-vsock is not implemented yet", allowed: supported)
-        }
+        if let vsock = config.vsock, let problem = VhostVsock.unavailable(for: vsock) { return problem }
         return nil
     }
 
@@ -103,10 +112,11 @@ public enum VirtioPlan {
     }
 
     /// One spec per configured device; each runs on its `iothread` loop, else on `mainLoop`.
-    /// `consolePorts` are the host ends of the consoles, by console id (the worker creates
-    /// the sockets, so that it removes them on every exit path).
+    /// `consolePorts` are the host ends of the consoles, by console id, and `vsockListener`
+    /// the vsock's (the worker creates the sockets, so that it removes them on every exit path).
     public static func devices(
-        for config: VMConfig, mainLoop: EventLoop, iothreads: [String: EventLoop], consolePorts: [String: any ConsolePort] = [:]
+        for config: VMConfig, mainLoop: EventLoop, iothreads: [String: EventLoop], consolePorts: [String: any ConsolePort] = [:],
+        vsockListener: VsockListener? = nil
     ) throws -> [VirtioDeviceSpec] {
         guard config.drives.count <= diskSlots.count else {
             throw MachineError(.invalidConfig, "\(config.drives.count) drives configured; at most \(diskSlots.count) are allowed")
@@ -141,6 +151,9 @@ public enum VirtioPlan {
                 throw MachineError(.invalidConfig, "console '\(console.id)': no host socket was set up for it")
             }
             specs.append(VirtioDeviceSpec(slot: slot, kind: .console(console, port), loop: mainLoop))
+        }
+        if let vsock = config.vsock, let slot = optional.vsock {
+            specs.append(VirtioDeviceSpec(slot: slot, kind: .vsock(vsock, vsockListener), loop: mainLoop))
         }
         if let balloon = config.balloon, let slot = optional.balloon {
             specs.append(VirtioDeviceSpec(slot: slot, kind: .balloon(balloon), loop: mainLoop))

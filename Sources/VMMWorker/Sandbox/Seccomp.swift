@@ -67,7 +67,11 @@ enum Seccomp {
 
     /// Installs the filter on every thread; `hotplug` adds ``hotplugSystemCalls`` and ``hotplugIoctls``. `logOnly` (FLOTILLA_SECCOMP_LOG=1) allows and
     /// audit-logs violations instead, to find a missing entry.
-    static func install(logOnly: Bool, hotplug: Bool) throws(SyscallError) {
+    /// `vsock` (a user-space vsock device, `uds-path=`) adds socket(2) for AF_UNIX only and
+    /// connect(2): a guest-initiated connection to host port P connects to `<uds path>_P` on
+    /// the main loop (accept4 for host-initiated ones is allowed anyway). A guest gains the
+    /// ability to connect to Unix sockets only with code execution in the VMM.
+    static func install(logOnly: Bool, hotplug: Bool, vsock: Bool = false) throws(SyscallError) {
         let names = (allowedSystemCalls + (hotplug ? hotplugSystemCalls : [])).map { strdup($0) }
         defer { for name in names { free(name) } }
         let ioctls = allowedIoctls + (hotplug ? hotplugIoctls : [])
@@ -75,7 +79,7 @@ enum Seccomp {
         let result = names.map { UnsafePointer($0) }.withUnsafeBufferPointer { namesBuffer in
             ioctls.withUnsafeBufferPointer { ioctlBuffer in
                 fl_seccomp_install(
-                    namesBuffer.baseAddress, Int32(namesBuffer.count), ioctlBuffer.baseAddress, Int32(ioctlBuffer.count),
+                    namesBuffer.baseAddress, Int32(namesBuffer.count), ioctlBuffer.baseAddress, Int32(ioctlBuffer.count), vsock ? 1 : 0,
                     Int32(logOnly ? FL_SECCOMP_LOG.rawValue : FL_SECCOMP_KILL_PROCESS.rawValue), &failedName)
             }
         }

@@ -181,10 +181,23 @@ private final class Worker: Sendable {
             }
         }
 
+        // -device vsock,uds-path=PATH: the host-initiated connections' socket, removed on every exit path.
+        let vsockListener: VsockListener?
+        do {
+            vsockListener = try VsockListener.make(for: config.vsock)
+        } catch {
+            return startupFailure("\(error)")
+        }
+        defer {
+            mainLoop.stop()
+            vsockListener?.close()
+        }
+
         let vm: MicroVM
         do {
             let output: FileDescriptor? = config.serial?.stdio == true ? .standardOutput : console?.guestOutput
-            let devices = try VirtioPlan.devices(for: config, mainLoop: loop, iothreads: iothreads, consolePorts: consolePorts)
+            let devices = try VirtioPlan.devices(
+                for: config, mainLoop: loop, iothreads: iothreads, consolePorts: consolePorts, vsockListener: vsockListener)
             vm = try MicroVM(config: config, serialOutput: output, virtioSlots: VirtioPlan.slots(for: config), virtioDevices: devices)
         } catch {
             return startupFailure("cannot create the VM: \(error)")
@@ -269,7 +282,8 @@ private final class Worker: Sendable {
         }
         if !runtime.disableSeccomp {
             do {
-                try Seccomp.install(logOnly: getenv("FLOTILLA_SECCOMP_LOG") != nil, hotplug: qmp != nil)
+                try Seccomp.install(
+                    logOnly: getenv("FLOTILLA_SECCOMP_LOG") != nil, hotplug: qmp != nil, vsock: config.vsock?.udsPath != nil)
             } catch {
                 vm.requestShutdown()
                 _ = vm.waitForExit()
