@@ -11,6 +11,7 @@ bool virtio_blk_probe(struct virtio_mmio_dev *dev);
 bool virtio_rng_probe(struct virtio_mmio_dev *dev);
 bool virtio_console_probe(struct virtio_mmio_dev *dev);
 bool virtio_balloon_probe(struct virtio_mmio_dev *dev);
+bool virtio_vsock_probe(struct virtio_mmio_dev *dev);
 void virtio_blk_remove(struct virtio_mmio_dev *dev);
 bool virtio_net_probe(struct virtio_mmio_dev *dev);
 bool virtio_net_probe_hotplug(struct virtio_mmio_dev *dev);
@@ -25,6 +26,7 @@ static const struct virtio_driver drivers[] = {
 	{ VIRTIO_ID_RNG, "virtio-rng", virtio_rng_probe },
 	{ VIRTIO_ID_CONSOLE, "virtio-console", virtio_console_probe },
 	{ VIRTIO_ID_BALLOON, "virtio-balloon", virtio_balloon_probe },
+	{ VIRTIO_ID_VSOCK, "virtio-vsock", virtio_vsock_probe },
 };
 
 #define MAX_HOLD_POLLERS 8
