@@ -170,6 +170,9 @@ struct VirtioVsockTests {
 
         #expect(try qmp.execute("quit")["return"] == [:])
         #expect(process.wait() == 0, "\(process.standardError)")
+        // The log says when the driver was ready and how the guest answered the host.
+        #expect(process.standardError.contains("virtio-vsock 'vs0': driver ready, guest CID 7"), "\(process.standardError)")
+        #expect(process.standardError.contains("to guest port \(port) accepted"), "\(process.standardError)")
         #expect(access(uds, F_OK) != 0, "the vsock socket was left behind")
         server.close()
         unlink("\(uds)_\(port)")

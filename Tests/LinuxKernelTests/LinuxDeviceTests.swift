@@ -21,6 +21,7 @@ extension LinuxBootTests {
         let directory = try TemporaryDirectory("flotilla-linux-devices")
         defer { directory.remove() }
         let consolePath = directory.file("hvc0.sock")
+        let vsockPath = directory.file("v.sock")
         let api = directory.file("qmp.sock")
         let ram: Int64 = 256 << 20
 
@@ -44,13 +45,14 @@ extension LinuxBootTests {
             extraKernelArguments: ["console=hvc0", "root=/dev/vda", "rootwait"],
             extraVMMArguments: [
                 "-chardev", "id=con0,path=\(consolePath)", "-balloon", "deflate-on-oom=true", "-rng", "random_file=\(fifo)",
-                "-api-channel", "unix:\(api)",
+                "-device", "vsock,id=vs0,guest-cid=3,uds-path=\(vsockPath)", "-api-channel", "unix:\(api)",
             ])
         let nonce = String(UInt64.random(in: 0...UInt64.max), radix: 16)
         let waiting = "Waiting for root device /dev/vda..."
         var consoleText = ""
         var inflated: [Int64] = []
         var deflated: [Int64] = []
+        var vsockReply: [UInt8]?
         let boot = try LinuxBoot.boot(plan) { running in
             let qmp = try QMPTestClient(path: api)
             try qmp.handshake()
@@ -89,6 +91,13 @@ extension LinuxBootTests {
             // with clearcpuid, no trusted bootloader seed, no userspace waiting on getrandom).
             #expect(running.waitForSerial("random: crng init done", timeout: 60), "\(running.serial.all(containing: "random:"))")
 
+            // virtio_vsock (probed long before the root wait): a host connection to a guest
+            // port nobody listens on reaches Linux as OP_REQUEST, and Linux's answer, OP_RST,
+            // closes the client without "OK".
+            let client = try ConsoleClient(path: vsockPath)
+            try client.send("CONNECT 1234\n")
+            vsockReply = Array(try client.readToEnd().utf8)
+
             #expect(try qmp.execute("quit")["return"] == [:])
             consoleText = try console.readToEnd()
         }
@@ -98,8 +107,14 @@ extension LinuxBootTests {
         // The VM ended by `quit`, after the kernel had done all of the above without complaint.
         #expect(!boot.timedOut && boot.status == 0, "\(boot.tail)")
         #expect(!log.contains("WARNING:") && !log.contains("BUG:") && !log.contains("Kernel panic"), "\(boot.tail)")
-        // Six fixed slots, then the console (slot 6), the balloon (7) and the rng (8).
-        try Self.expectAnnouncedSlots(boot, atLeast: 9)
+        // Six fixed slots, then the console (slot 6), vsock (7), the balloon (8) and the rng (9).
+        try Self.expectAnnouncedSlots(boot, atLeast: 10)
+
+        // virtio_vsock negotiated and set DRIVER_OK (the device logs it), and its answer to the
+        // host's connection came back through transmitq.
+        #expect(boot.standardError.contains("virtio-vsock 'vs0': driver ready, guest CID 3"), "\(boot.standardError)")
+        #expect(boot.standardError.contains("to guest port 1234 refused by the guest"), "\(boot.standardError)")
+        #expect(vsockReply == [], "the client read \(String(decoding: vsockReply ?? [], as: UTF8.self))")
 
         // hvc0 registered as a console once virtio_console probed the port.
         #expect(log.contains("printk: console [hvc0] enabled"), "\(log.all(containing: "console ["))")

@@ -211,6 +211,11 @@ public final class MicroVM: Sendable {
     /// For QMP `query-status`.
     public var guestState: GuestState { control.guestState }
 
+    /// The virtio-vsock device, when the VM has one.
+    public var vsock: VirtioVsockDevice? {
+        virtioTransports.lazy.compactMap { $0.device as? VirtioVsockDevice }.first
+    }
+
     /// The virtio-balloon device and its transport, when the VM has one.
     public var balloon: (device: VirtioBalloonDevice, transport: VirtioMMIOTransport)? {
         for transport in virtioTransports {

@@ -203,6 +203,7 @@ private final class Worker: Sendable {
             return startupFailure("cannot create the VM: \(error)")
         }
         console?.setInputSink { vm.enqueueSerialInput($0) }
+        vm.vsock?.observe { [log] message in log.info(message) }
         // QEMU's BALLOON_CHANGE: the guest's memory as the balloon leaves it, whenever the
         // driver changes `actual` (emitted from the main loop).
         let ramBytes = config.machine.memoryBytes

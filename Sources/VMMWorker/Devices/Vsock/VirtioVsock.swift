@@ -53,6 +53,7 @@ public final class VirtioVsockDevice: VirtioDevice {
         var transmitHandler: VsockTransmitHandler
         let core: VsockCore
         var listenToken: EventLoop.Token?
+        var observer: (@Sendable (String) -> Void)?
     }
 
     private let state: Mutex<State>
@@ -77,6 +78,16 @@ public final class VirtioVsockDevice: VirtioDevice {
         if let listener {
             let token = try loop.register(fd: listener.fd, events: EPOLLIN.rawValue) { [weak self] _ in self?.acceptClients() }
             state.withLock { $0.listenToken = token }
+        }
+    }
+
+    /// Where the device reports what an operator may want in the log: the driver becoming
+    /// ready, and the guest's answer to each host-initiated connection (one line per host
+    /// client, never per guest packet).
+    public func observe(_ observer: @escaping @Sendable (String) -> Void) {
+        state.withLock {
+            $0.observer = observer
+            $0.core.observer = observer
         }
     }
 
@@ -113,6 +124,7 @@ public final class VirtioVsockDevice: VirtioDevice {
             // which this VMM does not do: its buffers stay posted and unused.
             state.event = try activation.runner(Vsock.eventQueue, "eventq", of: device, loop: loop) {}
             state.core.active = true
+            state.observer?("\(device): driver ready, guest CID \(guestCID), features 0x\(String(activation.features, radix: 16))")
         }
     }
 
@@ -263,6 +275,7 @@ final class VsockCore {
     let loop: EventLoop
     let maxConnections: Int
     var eventHandler: (@Sendable (_ id: UInt64, _ events: UInt32) -> Void)?
+    var observer: (@Sendable (String) -> Void)?
     var active = false
 
     var connections: [UInt64: VsockConnection] = [:]
@@ -556,12 +569,16 @@ final class VsockCore {
         case Vsock.Op.response:
             guard connection.phase == .connecting else { return reset(connection) }
             connection.phase = .established
+            observer?("virtio-vsock: host connection \(connection.localPort) to guest port \(connection.peerPort) accepted")
             let reply = Array("OK \(connection.localPort)\n".utf8)
             let sent = reply.withUnsafeBytes { send(connection.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
             // A fresh socket has room for a few bytes; one that does not is as good as gone.
             guard sent == reply.count else { return reset(connection) }
             updateInterest(connection)
         case Vsock.Op.reset:
+            if connection.phase == .connecting {
+                observer?("virtio-vsock: host connection \(connection.localPort) to guest port \(connection.peerPort) refused by the guest")
+            }
             drop(connection)
         case Vsock.Op.shutdown:
             connection.guestShutdown |= packet.flags & Vsock.shutdownBoth
