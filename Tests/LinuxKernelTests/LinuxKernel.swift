@@ -61,9 +61,10 @@ struct LinuxBootPlan: Sendable, CustomTestStringConvertible {
     var namespace: NetworkNamespace?
     /// Ends the boot (a failure) after this long in all, or after `stallTimeout` seconds
     /// without new serial output (a hung kernel). The slowest quiet stretch measured here is
-    /// about 20 s (network initcalls) on a quiet host, but a 4-vCPU boot on this 2-core host
-    /// went quiet for over 90 s after the switch to kvm-clock while other work ran (it boots
-    /// in about 60 s alone); a whole 1-vCPU boot takes about 90 s.
+    /// about 20 s (network initcalls) on a quiet host and under a minute with the host's two
+    /// CPUs busy with other work; a whole boot takes 50-100 s. (A kernel with tinyconfig's
+    /// periodic 250 Hz tick on every vCPU could go quiet for good here: see
+    /// Linux/config.fragment, "Timer ticks".)
     var timeout: Double = 480
     var stallTimeout: Double = 240
 
