@@ -40,6 +40,10 @@ let largeMemory = guardedMemory(size: (3 << 30) + (2 << 20))
 /// The device's other queue, set up empty (size 1) at the top of the window.
 let idleLayout = VirtqueueLayout(
     size: 1, descriptorTable: windowBase + 0xff00, availableRing: windowBase + 0xff40, usedRing: windowBase + 0xff80)
+/// A three-queue device's third, also empty, just above it.
+let idleLayout2 = VirtqueueLayout(
+    size: 1, descriptorTable: windowBase + 0xffc0, availableRing: windowBase + 0xffd0, usedRing: windowBase + 0xffe0)
+let idleLayouts = [idleLayout, idleLayout2]
 let zeroes = [UInt8](repeating: 0, count: Int(windowBase))
 
 /// The decoded input (byte layout in Seeds.swift).
@@ -169,6 +173,9 @@ final class Harness {
     let device: any VirtioDevice
     let transport: VirtioMMIOTransport
     let port: FuzzConsolePort?
+    /// A vsock input's listener and the host client that connected to it.
+    var vsockListener: VsockListener?
+    var vsockClient: Int32 = -1
     /// Whether the device serves every available chain without waiting for the host.
     let neverWaits: Bool
 
@@ -207,6 +214,18 @@ final class Harness {
             let balloon = VirtioBalloonDevice(balloon: BalloonConfig(deflateOnOOM: c.param & 1 != 0), memory: memory, loop: loop)
             balloon.observeActual { _ in }
             device = balloon
+        case .vsockReceive, .vsockTransmit:
+            // Guest CID 3; host port 1 has a listener, every other port refuses. A receive
+            // chain may wait for packets, and transmit waits while control packets pile up.
+            _ = vsockPortOne
+            let listener = must { try VsockListener(path: vsockDirectory + "/v.sock") }
+            vsockListener = listener
+            device = must {
+                try VirtioVsockDevice(
+                    id: "vs0", guestCID: 3, listener: listener, udsPath: vsockDirectory + "/v.sock", memory: memory, loop: loop,
+                    maxConnections: 8)
+            }
+            neverWaits = false
         }
         self.device = device
         self.port = port
@@ -226,6 +245,8 @@ final class Harness {
         case let d as VirtioBalloonDevice:
             let s = d.statistics
             counters = [s.inflated, s.refused, s.deflated]
+        case let d as VirtioVsockDevice:
+            counters = [UInt64(d.connectionCount), d.droppedPackets, d.resetsSent, d.bytesToHost, d.bytesToGuest]
         default: break
         }
         return Progress(
@@ -299,13 +320,13 @@ func runCase(_ c: DeviceCase) {
     let h = Harness(c)
     let queues = c.kind.queues
     var layouts = [(queues.fuzzed, c.layout)]
-    if let idle = queues.idle { layouts.append((idle, idleLayout)) }
+    for (n, idle) in queues.idle.enumerated() { layouts.append((idle, idleLayouts[n])) }
     layouts.sort { $0.0 < $1.0 }
     var before = snapshot(memory, at: windowBase, count: Int(windowSize))
-    let idleBefore = snapshot(memory, at: idleLayout.availableRing, count: 6)
+    let idleBefore = idleLayouts.map { snapshot(memory, at: $0.availableRing, count: 6) }
     var allowed =
         writableRanges(memory: memory, layout: c.layout, indirect: c.indirect)
-        + writableRanges(memory: memory, layout: idleLayout, indirect: c.indirect)
+        + idleLayouts.flatMap { writableRanges(memory: memory, layout: $0, indirect: c.indirect) }
     var tables = tableRanges(memory: memory, layout: c.layout)
     let allowedBefore = allowed
     let tablesBefore = tables
@@ -327,6 +348,25 @@ func runCase(_ c: DeviceCase) {
         }
     case .consoleReceive:
         if !c.host.isEmpty { h.port?.offer(c.host) }
+    case .vsockReceive, .vsockTransmit:
+        // A host client of the listener sends the host bytes (such as "CONNECT 5\n..."):
+        // OP_REQUEST and what follows reach receiveq.
+        if !c.host.isEmpty, let listener = h.vsockListener {
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &address.sun_path) { raw in
+                let bytes = Array(listener.path.utf8)
+                raw.copyBytes(from: bytes)
+                raw[bytes.count] = 0
+            }
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            check(connected == 0, "connect to the vsock listener")
+            _ = Array(c.host).withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
+            h.vsockClient = fd
+        }
     default: break
     }
 
@@ -355,11 +395,13 @@ func runCase(_ c: DeviceCase) {
     let after = snapshot(memory, at: windowBase, count: Int(windowSize))
     allowed +=
         writableRanges(memory: memory, layout: c.layout, indirect: c.indirect)
-        + writableRanges(memory: memory, layout: idleLayout, indirect: c.indirect)
+        + idleLayouts.flatMap { writableRanges(memory: memory, layout: $0, indirect: c.indirect) }
     tables += tableRanges(memory: memory, layout: c.layout)
     // The idle queue stayed idle (nothing of the input landed on its avail ring): only then
     // is DEVICE_NEEDS_RESET the fuzzed queue's.
-    let idleQuiet = idleBefore == [0, 0, 0, 0, 0, 0] && snapshot(memory, at: idleLayout.availableRing, count: 6) == idleBefore
+    let idleQuiet =
+        idleBefore.allSatisfy { $0 == [0, 0, 0, 0, 0, 0] }
+        && idleLayouts.map { snapshot(memory, at: $0.availableRing, count: 6) } == idleBefore
     let zeroAllowed = c.kind == .balloonInflate
     // A driver whose used ring or writable buffers lie over its own descriptor table lets the
     // device rewrite descriptors between rounds: chains walked later describe buffers that
@@ -406,9 +448,9 @@ func runCase(_ c: DeviceCase) {
     // The rings as the device saw them: the avail ring is what the driver wrote when nothing
     // changed it; the used ring is the device's own when no buffer or other ring overlaps it.
     let availIntact = !changed(availRange)
-    let idleRings = [
-        idleLayout.descriptorTable..<idleLayout.descriptorTable + 16, idleLayout.availableRing..<idleLayout.availableRing + 8,
-    ]
+    let idleRings = idleLayouts.flatMap { idle in
+        [idle.descriptorTable..<idle.descriptorTable + 16, idle.availableRing..<idle.availableRing + 8]
+    }
     let usedIntact =
         !overlaps(usedRange, buffers + tables + idleRings + [availRange])
         && (usedRange.lowerBound - windowBase..<min(usedRange.upperBound, windowBase + windowSize) - windowBase).allSatisfy {
@@ -425,7 +467,7 @@ func runCase(_ c: DeviceCase) {
                 + "avail intact \(availIntact), used intact \(usedIntact), tables intact \(tablesIntact), idle quiet \(idleQuiet)")
     }
 
-    if availIntact && usedIntact && (idleQuiet || queues.idle == nil) {
+    if availIntact && usedIntact && (idleQuiet || queues.idle.isEmpty) {
         // Replay the avail ring: which chains were there to take, and where it breaks.
         var last: UInt16 = 0
         var broken = false
@@ -483,6 +525,13 @@ func finish(_ h: Harness) {
     check(before == snapshot(memory, at: windowBase, count: Int(windowSize)), "guest memory changed after reset")
     drain(tap.host)
     drain(tap.device)
+    if let vsock = h.device as? VirtioVsockDevice {
+        check(vsock.connectionCount == 0, "vsock connections left after reset")
+        vsock.shutdown()
+        h.vsockListener?.close()
+        if h.vsockClient >= 0 { close(h.vsockClient) }
+        drainPortOne()
+    }
 }
 
 /// RAM below the window starts every input zero; afterwards only allowed ranges may be

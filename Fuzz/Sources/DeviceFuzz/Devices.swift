@@ -7,17 +7,57 @@ import Protocol
 // The devices under test: every device is the VMM's own class (virtio-net on a socket pair
 // standing in for its tap, FuzzSupport/HostSides.swift).
 
-/// What each input's device is; its queue (and for two-queue devices, the other, idle one).
+/// What each input's device is; its queue (and the device's other, idle ones).
 enum Kind: UInt8, CaseIterable {
     case block, rng, netReceive, netTransmit, consoleReceive, consoleTransmit, balloonInflate, balloonDeflate
+    case vsockReceive, vsockTransmit
 
-    /// The queue the input fills, and the device's other queue (set up empty), if any.
-    var queues: (fuzzed: Int, idle: Int?) {
+    /// The queue the input fills, and the device's other queues (set up empty, in the order
+    /// of ``idleLayouts``).
+    var queues: (fuzzed: Int, idle: [Int]) {
         switch self {
-        case .block, .rng: (0, nil)
-        case .netReceive, .consoleReceive, .balloonInflate: (0, 1)
-        case .netTransmit, .consoleTransmit, .balloonDeflate: (1, 0)
+        case .block, .rng: (0, [])
+        case .netReceive, .consoleReceive, .balloonInflate: (0, [1])
+        case .netTransmit, .consoleTransmit, .balloonDeflate: (1, [0])
+        // virtio-vsock: receiveq 0, transmitq 1, eventq 2 (its buffers are never used).
+        case .vsockReceive: (0, [1, 2])
+        case .vsockTransmit: (1, [0, 2])
         }
+    }
+}
+
+/// The host side of the vsock inputs, in tmpfs: a directory per process, the device's
+/// listener (`v.sock`, made per input) and a listener for guest connections to host port 1
+/// (`v.sock_1`, made once; what connected is accepted and closed after each input).
+let vsockDirectory: String = {
+    let path = "/dev/shm/flotilla-fuzz-vsock-\(getpid())"
+    _ = mkdir(path, 0o700)
+    return path
+}()
+let vsockPortOne: Int32 = {
+    let path = vsockDirectory + "/v.sock_1"
+    _ = unlink(path)
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        let bytes = Array(path.utf8)
+        raw.copyBytes(from: bytes)
+        raw[bytes.count] = 0
+    }
+    let bound = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    check(fd >= 0 && bound == 0 && listen(fd, 64) == 0, "the vsock port-1 listener")
+    return fd
+}()
+
+/// Accepts and closes whatever connected to host port 1.
+func drainPortOne() {
+    while true {
+        let fd = accept(vsockPortOne, nil, nil)
+        if fd < 0 { return }
+        close(fd)
     }
 }
 

@@ -4,8 +4,9 @@ import FuzzSupport
 
 /// Builds inputs in the byte layout DeviceCase decodes (all little-endian):
 ///
-///     0      device: byte % 8 — blk, rng, net receive, net transmit, console receive,
-///            console transmit, balloon inflate, balloon deflate (Kind)
+///     0      device: byte % 10 — blk, rng, net receive, net transmit, console receive,
+///            console transmit, balloon inflate, balloon deflate, vsock receive, vsock
+///            transmit (Kind)
 ///     1      flags: 1 EVENT_IDX, 2 INDIRECT_DESC, 4 a second kick after the driver sets avail
 ///            idx again, 8 the device's variant (DeviceCase.variant)
 ///     2      queue size: 1 << (byte % 9), so 1...256
@@ -256,6 +257,42 @@ func deviceSeeds() -> [(String, [UInt8])] {
         s.d(0, b, 12)
         s.d(1, b, 0x4000)
         s.publish(0, 1)
+    }
+    // virtio-vsock (guest CID 3): transmit packets are a 44-byte header and the payload;
+    // host port 1 listens. Receive chains take the packets a host client's CONNECT causes.
+    func vsock(_ op: UInt16, from port: UInt32 = 7, to hostPort: UInt32 = 1, length: UInt32 = 0, flags: UInt32 = 0, cid: UInt64 = 3)
+        -> [UInt8]
+    {
+        le(cid) + le(UInt64(2)) + le(port) + le(hostPort) + le(length) + le(UInt16(1)) + le(op) + le(flags) + le(UInt32(4096))
+            + le(UInt32(0))
+    }
+    add("vsock-transmit", .vsockTransmit) { s in
+        s.put(vsock(1), at: 0)
+        s.put(vsock(5, length: 5) + Array("hello".utf8), at: 0x40)
+        s.put(vsock(7), at: 0x80)
+        s.put(vsock(4, flags: 3), at: 0xc0)
+        s.put(vsock(1, to: 9), at: 0x100)
+        s.put(vsock(1, cid: 4), at: 0x140)
+        s.put(vsock(5, length: 9) + Array("split".utf8), at: 0x180)
+        s.d(0, b, 44)
+        s.d(1, b + 0x40, 20, flags: 1, next: 2)
+        s.d(2, b + 0x54, 29)
+        s.d(3, b + 0x80, 44)
+        s.d(4, b + 0xc0, 44)
+        s.d(5, b + 0x100, 44)
+        s.d(6, b + 0x140, 44)
+        s.d(7, b + 0x180, 49)
+        s.publish(0, 1, 3, 4, 5, 6, 7)
+    }
+    add("vsock-receive", .vsockReceive, flags: 4) { s in
+        s.d(0, b, 44 + 64, flags: 2)
+        s.d(1, b + 0x100, 20, flags: 2 | 1, next: 2)
+        s.d(2, b + 0x200, 64, flags: 2)
+        s.d(3, b + 0x300, 44, flags: 2)
+        s.d(4, b + 0x400, 30, flags: 2)
+        s.publish(0, 1, 3, 4)
+        s.availIndex2 = 4
+        s.host = Array("CONNECT 5\nearly bytes".utf8)
     }
     return all.map { ($0.name, $0.bytes) }
 }
