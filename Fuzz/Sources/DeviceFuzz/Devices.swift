@@ -32,6 +32,12 @@ enum Kind: UInt8, CaseIterable {
 let vsockDirectory: String = {
     let path = "/dev/shm/flotilla-fuzz-vsock-\(getpid())"
     _ = mkdir(path, 0o700)
+    // Removed when the process exits (libFuzzer ends with exit()).
+    atexit {
+        _ = unlink(vsockDirectory + "/v.sock_1")
+        _ = unlink(vsockDirectory + "/v.sock")
+        _ = rmdir(vsockDirectory)
+    }
     return path
 }()
 let vsockPortOne: Int32 = {
