@@ -399,4 +399,77 @@ struct VirtioVsockUnitTests {
         #expect(driver.device.connectionCount == 0)
         for fd in accepted { #expect(TestUnix.atEOF(fd)) }
     }
+
+    @Test("three host sockets stream 3 × 600 KiB at once under the guest's credit: every byte in order, and the ready list stays bounded")
+    func streaming() throws {
+        let driver = try VsockDriver()
+        defer { driver.close() }
+        let server = try TestUnix.listen(driver.udsPath + "_1234")
+        defer {
+            Glibc.close(server)
+            unlink(driver.udsPath + "_1234")
+        }
+        let ports: [UInt32] = [3000, 3001, 3002]
+        var hosts: [Int32] = []
+        for port in ports {
+            try driver.send(driver.packet(Vsock.Op.request, port: port, hostPort: 1234, bufferAllocation: 32 << 10))
+            #expect(try driver.receive()?.header.op == Vsock.Op.response)
+            hosts.append(accept(server, nil, nil))
+        }
+        defer { for fd in hosts { Glibc.close(fd) } }
+        let total = 600 << 10
+        func pattern(_ stream: Int, _ offset: Int) -> UInt8 { UInt8(truncatingIfNeeded: offset &* 7 &+ stream &* 101) }
+        var writers: [pthread_t] = []
+        for (stream, fd) in hosts.enumerated() {
+            let bytes = (0..<total).map { pattern(stream, $0) }
+            writers.append(
+                try HostThread.spawn(name: "writer\(stream)") {
+                    var sent = 0
+                    while sent < bytes.count {
+                        let n = bytes[sent...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, min($0.count, 8192), Int32(MSG_NOSIGNAL)) }
+                        if n <= 0 { return }
+                        sent += n
+                    }
+                })
+        }
+        defer { for writer in writers { HostThread.join(writer) } }
+        var received = [[UInt8]](repeating: [], count: ports.count)
+        var reported = [Int](repeating: 0, count: ports.count)
+        var largestStorage = 0
+        var packets = 0
+        while received.map(\.count).reduce(0, +) < total * ports.count {
+            guard let packet = try driver.receive() else {
+                Issue.record("stalled at \(received.map(\.count)) bytes")
+                break
+            }
+            packets += 1
+            largestStorage = max(largestStorage, driver.device.queueStorage)
+            let stream = try #require(ports.firstIndex(of: packet.header.destinationPort))
+            switch packet.header.op {
+            case Vsock.Op.readWrite:
+                received[stream] += packet.payload
+                // The guest consumes at once and tells the device every 16 KiB.
+                if received[stream].count - reported[stream] >= 16 << 10 {
+                    reported[stream] = received[stream].count
+                    try driver.send(
+                        driver.packet(
+                            Vsock.Op.creditUpdate, port: ports[stream], hostPort: 1234, bufferAllocation: 32 << 10,
+                            forwardCount: UInt32(reported[stream])))
+                }
+            case Vsock.Op.creditRequest:
+                reported[stream] = received[stream].count
+                try driver.send(
+                    driver.packet(
+                        Vsock.Op.creditUpdate, port: ports[stream], hostPort: 1234, bufferAllocation: 32 << 10,
+                        forwardCount: UInt32(reported[stream])))
+            default:
+                Issue.record("unexpected \(packet.header)")
+            }
+        }
+        for stream in 0..<ports.count {
+            #expect(received[stream].count == total)
+            #expect(received[stream] == (0..<total).map { pattern(stream, $0) }, "stream \(stream) corrupted")
+        }
+        #expect(largestStorage < 150, "the ready list grew with the packets (\(largestStorage) entries after \(packets) packets)")
+    }
 }

@@ -152,6 +152,9 @@ public final class VirtioVsockDevice: VirtioDevice {
     /// Bytes moved guest → host sockets and host sockets → guest.
     public var bytesToHost: UInt64 { state.withLock { $0.core.bytesToHost } }
     public var bytesToGuest: UInt64 { state.withLock { $0.core.bytesToGuest } }
+    /// Entries held by the ready list and the control queue (consumed ones included): bounded
+    /// by the connections, however long they stream.
+    var queueStorage: Int { state.withLock { $0.core.ready.count + $0.core.control.count } }
 
     // MARK: Loop-thread work
 
@@ -322,6 +325,10 @@ final class VsockCore {
         if controlStart == control.count {
             control.removeAll(keepingCapacity: control.capacity <= 64)
             controlStart = 0
+        } else if controlStart >= 64 && controlStart * 2 >= control.count {
+            // Never empty under steady load: drop the consumed front so the array stays bounded.
+            control.removeFirst(controlStart)
+            controlStart = 0
         }
         return header
     }
@@ -430,6 +437,11 @@ final class VsockCore {
             readyStart += 1
             if readyStart == ready.count {
                 ready.removeAll(keepingCapacity: true)
+                readyStart = 0
+            } else if readyStart >= 64 && readyStart * 2 >= ready.count {
+                // Several streaming connections keep the list from ever emptying (each goes
+                // back to its end): drop the consumed front so it stays bounded.
+                ready.removeFirst(readyStart)
                 readyStart = 0
             }
             guard let connection = connections[id] else { continue }
