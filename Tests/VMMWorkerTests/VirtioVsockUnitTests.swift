@@ -472,4 +472,59 @@ struct VirtioVsockUnitTests {
         }
         #expect(largestStorage < 150, "the ready list grew with the packets (\(largestStorage) entries after \(packets) packets)")
     }
+
+    @Test(
+        "a host socket that does not read: the device holds at most its buf_alloc, reports only written bytes as fwd_cnt, and the guest stalls until the host reads"
+    )
+    func backPressure() throws {
+        let driver = try VsockDriver()
+        defer { driver.close() }
+        let server = try TestUnix.listen(driver.udsPath + "_1234")
+        defer {
+            Glibc.close(server)
+            unlink(driver.udsPath + "_1234")
+        }
+        try driver.send(driver.packet(Vsock.Op.request, hostPort: 1234))
+        #expect(try driver.receive()?.header.op == Vsock.Op.response)
+        let host = accept(server, nil, nil)
+        defer { Glibc.close(host) }
+        let chunkSize = Vsock.maxPayload
+        let window = Int(VirtioVsockDevice.bufferAllocation)
+        func byte(_ offset: Int) -> UInt8 { UInt8(truncatingIfNeeded: offset &* 13 &+ offset >> 16) }
+        // The guest sends whenever its view of the device's free space allows a whole chunk.
+        var sent = 0
+        var peerForward = 0
+        var stalled = false
+        for _ in 0..<64 {
+            while window - (sent - peerForward) >= chunkSize {
+                let chunk = (sent..<sent + chunkSize).map(byte)
+                try driver.send(driver.packet(Vsock.Op.readWrite, hostPort: 1234, length: chunk.count), chunk, at: 0x200000)
+                sent += chunk.count
+            }
+            if try driver.nothingReceived() {
+                stalled = true
+                break
+            }
+            let update = try #require(try driver.receive())
+            #expect(update.header.op == Vsock.Op.creditUpdate, "\(update.header)")
+            peerForward = Int(update.header.forwardCount)
+            // fwd_cnt counts bytes the host socket took, never more.
+            #expect(peerForward <= Int(driver.device.bytesToHost) && peerForward <= sent)
+        }
+        #expect(stalled, "the host never pushed back")
+        #expect(sent - Int(driver.device.bytesToHost) <= window, "the device holds more than it advertised")
+        #expect(driver.device.connectionCount == 1)
+
+        // The host reads: every byte, in order; the device tells the guest it may go on.
+        #expect(TestUnix.read(host, count: sent) == (0..<sent).map(byte))
+        // (The flush may take several rounds; updates come until the guest has room for a
+        // whole packet again.)
+        var reported = peerForward
+        while window - (sent - reported) < chunkSize, let update = try driver.receive() {
+            #expect(update.header.op == Vsock.Op.creditUpdate && Int(update.header.forwardCount) > reported)
+            reported = Int(update.header.forwardCount)
+        }
+        #expect(window - (sent - reported) >= chunkSize, "the guest was left without credit")
+        #expect(driver.device.bytesToHost == UInt64(sent))
+    }
 }
