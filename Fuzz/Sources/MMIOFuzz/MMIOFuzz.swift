@@ -30,7 +30,7 @@ let memory = guardedMemory(size: 2 << 20)
 let slotSize = Layout.virtioMMIOSlotSize
 
 enum DeviceChoice: UInt8, CaseIterable {
-    case block, rng, net, console, balloon
+    case block, rng, net, console, balloon, vsock
 }
 
 /// A shared image for virtio-blk (its contents persist between inputs; 64 KiB in tmpfs).
@@ -65,6 +65,11 @@ final class Slot {
         case .net: device = fuzzNet(memory: memory, loop: loop)
         case .console: device = VirtioConsoleDevice(id: "con0", port: FuzzConsolePort(loop: loop), memory: memory, loop: loop)
         case .balloon: device = VirtioBalloonDevice(balloon: BalloonConfig(deflateOnOOM: true), memory: memory, loop: loop)
+        // No host sockets: its queues and configuration space (guest_cid) behind the registers.
+        case .vsock:
+            device = must {
+                try VirtioVsockDevice(id: "vs0", guestCID: 3, listener: nil, udsPath: nil, memory: memory, loop: loop)
+            }
         }
         self.device = device
         transport = must { try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 0), device: device, memory: memory, vm: nil) }
@@ -244,7 +249,7 @@ func mmioSeeds() -> [(String, [UInt8])] {
         // A driver's bring-up through single register writes, a buffer posted, a kick.
         var ops = op(1 | w4, R.status, 3) + op(1 | w4, R.driverFeaturesSelect, 1) + op(1 | w4, R.driverFeatures, 1)
         ops += op(0 | w4, R.deviceFeatures, 0) + op(1 | w4, R.status, 11) + op(0 | w4, R.status, 0)
-        for queue in 0..<UInt64(choice == .block || choice == .rng ? 1 : 2) {
+        for queue in 0..<UInt64(choice == .block || choice == .rng ? 1 : choice == .vsock ? 3 : 2) {
             let base = windowBase + 0x4000 * queue
             ops += op(1 | w4, R.queueSelect, queue) + op(0 | w4, R.queueSizeMax, 0) + op(1 | w4, R.queueSize, 8)
             ops += op(1 | w4, R.queueDescLow, base) + op(1 | w4, R.queueDriverLow, base + 0x1000)
