@@ -89,7 +89,10 @@ final class VsockDriver {
 
     var udsPath: String { directory + "/v.sock" }
 
-    init(maxConnections: Int = VirtioVsockDevice.defaultMaxConnections) throws {
+    init(
+        maxConnections: Int = VirtioVsockDevice.defaultMaxConnections,
+        requestTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultRequestTimeoutNanoseconds
+    ) throws {
         memory = try guestMemory()
         loop = try EventLoop(name: "vsock-test")
         thread = try loop.startThread()
@@ -100,7 +103,7 @@ final class VsockDriver {
         listener = try VsockListener(path: directory + "/v.sock")
         device = try VirtioVsockDevice(
             id: "vs0", guestCID: Self.guestCID, listener: listener, udsPath: directory + "/v.sock", memory: memory, loop: loop,
-            maxConnections: maxConnections)
+            maxConnections: maxConnections, requestTimeoutNanoseconds: requestTimeoutNanoseconds)
         transport = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 6), device: device, memory: memory, vm: nil)
         rx = QueueAt(memory: memory, base: 0x10000)
         tx = QueueAt(memory: memory, base: 0x14000)
@@ -526,5 +529,23 @@ struct VirtioVsockUnitTests {
         }
         #expect(window - (sent - reported) >= chunkSize, "the guest was left without credit")
         #expect(driver.device.bytesToHost == UInt64(sent))
+    }
+
+    @Test("a host-initiated connection the guest never answers is given up: RST to the guest, the client closed, a late RESPONSE reset")
+    func unansweredRequest() throws {
+        let driver = try VsockDriver(requestTimeoutNanoseconds: 50_000_000)
+        defer { driver.close() }
+        let client = try TestUnix.connect(driver.udsPath)
+        defer { Glibc.close(client) }
+        TestUnix.send(client, "CONNECT 60\n")
+        let request = try #require(try driver.receive())
+        #expect(request.header.op == Vsock.Op.request && request.header.destinationPort == 60)
+        #expect(TestUnix.atEOF(client), "the client was kept")
+        let reset = try #require(try driver.receive())
+        #expect(reset.header.op == Vsock.Op.reset && reset.header.destinationPort == 60)
+        #expect(reset.header.sourcePort == request.header.sourcePort)
+        #expect(driver.device.connectionCount == 0)
+        try driver.send(driver.packet(Vsock.Op.response, port: 60, hostPort: request.header.sourcePort))
+        #expect(try driver.receive()?.header.op == Vsock.Op.reset)
     }
 }

@@ -30,6 +30,11 @@ public final class VirtioVsockDevice: VirtioDevice {
     /// The receive buffer the device advertises per connection (§5.10.6.3 buf_alloc): the most
     /// guest bytes it holds for a host socket that does not read.
     public static let bufferAllocation: UInt32 = 128 << 10
+    /// How long a host-initiated connection waits for the guest's OP_RESPONSE or OP_RST: a
+    /// guest that never answers would otherwise hold the client, and a slot of the connection
+    /// cap, until the device resets. (Firecracker waits 2 s; a guest here may be emulated
+    /// instruction by instruction, so it gets longer.)
+    public static let defaultRequestTimeoutNanoseconds: UInt64 = 10_000_000_000
     /// Control packets (responses, resets, credit updates) waiting for receive buffers. While
     /// that many wait, transmitq is not served: a guest that does not post receive buffers is
     /// held back rather than growing this queue.
@@ -62,19 +67,26 @@ public final class VirtioVsockDevice: VirtioDevice {
     /// requests reach the guest once the driver is ready).
     public init(
         id: String, guestCID: UInt64, listener: VsockListener?, udsPath: String?, memory: GuestMemory, loop: EventLoop,
-        maxConnections: Int = VirtioVsockDevice.defaultMaxConnections
+        maxConnections: Int = VirtioVsockDevice.defaultMaxConnections,
+        requestTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultRequestTimeoutNanoseconds
     ) throws(SyscallError) {
         self.id = id
         self.guestCID = guestCID
         self.memory = memory
         self.loop = loop
         self.listener = listener
-        let core = VsockCore(memory: memory, guestCID: guestCID, udsPath: udsPath, loop: loop, maxConnections: maxConnections)
+        let core = VsockCore(
+            memory: memory, guestCID: guestCID, udsPath: udsPath, loop: loop, maxConnections: maxConnections,
+            requestTimeoutNanoseconds: requestTimeoutNanoseconds)
         state = Mutex(
             State(
                 receiveHandler: VsockReceiveHandler(core: core), transmitHandler: VsockTransmitHandler(core: core), core: core))
         let handler: @Sendable (UInt64, UInt32) -> Void = { [weak self] id, events in self?.socketEvent(id: id, events: events) }
-        state.withLock { $0.core.eventHandler = handler }
+        let expiry: @Sendable (UInt64) -> Void = { [weak self] id in self?.requestExpired(id: id) }
+        state.withLock {
+            $0.core.eventHandler = handler
+            $0.core.expiryHandler = expiry
+        }
         if let listener {
             let token = try loop.register(fd: listener.fd, events: EPOLLIN.rawValue) { [weak self] _ in self?.acceptClients() }
             state.withLock { $0.listenToken = token }
@@ -181,6 +193,13 @@ public final class VirtioVsockDevice: VirtioDevice {
         }
     }
 
+    private func requestExpired(id: UInt64) {
+        state.withLock { state in
+            state.core.requestExpired(id: id)
+            serve(&state)
+        }
+    }
+
     private func socketEvent(id: UInt64, events: UInt32) {
         state.withLock { state in
             state.core.socketEvent(id: id, events: events)
@@ -210,6 +229,8 @@ final class VsockConnection {
     var phase: Phase
     var token: EventLoop.Token?
     var registered: UInt32 = 0
+    /// The timer that gives up on the guest's OP_RESPONSE (host-initiated, while connecting).
+    var requestTimer: EventLoop.Token?
 
     /// The guest's receive buffer and how much of what it was sent it has consumed (§5.10.6.3).
     var peerBufferAllocation: UInt32 = 0
@@ -277,7 +298,9 @@ final class VsockCore {
     let udsPath: String?
     let loop: EventLoop
     let maxConnections: Int
+    let requestTimeoutNanoseconds: UInt64
     var eventHandler: (@Sendable (_ id: UInt64, _ events: UInt32) -> Void)?
+    var expiryHandler: (@Sendable (_ id: UInt64) -> Void)?
     var observer: (@Sendable (String) -> Void)?
     var active = false
 
@@ -301,8 +324,9 @@ final class VsockCore {
     var bytesToHost: UInt64 = 0
     var bytesToGuest: UInt64 = 0
 
-    init(memory: GuestMemory, guestCID: UInt64, udsPath: String?, loop: EventLoop, maxConnections: Int) {
+    init(memory: GuestMemory, guestCID: UInt64, udsPath: String?, loop: EventLoop, maxConnections: Int, requestTimeoutNanoseconds: UInt64) {
         self.maxConnections = maxConnections
+        self.requestTimeoutNanoseconds = requestTimeoutNanoseconds
         self.memory = memory
         self.guestCID = guestCID
         self.udsPath = udsPath
@@ -363,6 +387,8 @@ final class VsockCore {
     func drop(_ connection: VsockConnection) {
         if let token = connection.token { loop.unregister(token) }
         connection.token = nil
+        if let timer = connection.requestTimer { loop.unregister(timer) }
+        connection.requestTimer = nil
         Syscall.close(connection.fd)
         connections.removeValue(forKey: connection.id)
         byPorts.removeValue(forKey: VsockPortPair(local: connection.localPort, peer: connection.peerPort))
@@ -527,8 +553,19 @@ final class VsockCore {
             let connection = VsockConnection(id: id, fd: handshake.fd, localPort: local, peerPort: port, phase: .connecting)
             add(connection)
             enqueue(header(connection, op: Vsock.Op.request))
+            let expiry = expiryHandler
+            connection.requestTimer = try? loop.schedule(afterNanoseconds: requestTimeoutNanoseconds) { expiry?(id) }
             return
         }
+    }
+
+    /// The guest did not answer a host-initiated OP_REQUEST in time: OP_RST (so a late
+    /// OP_RESPONSE finds no connection) and the client is closed.
+    func requestExpired(id: UInt64) {
+        guard let connection = connections[id], connection.phase == .connecting else { return }
+        connection.requestTimer = nil
+        observer?("virtio-vsock: host connection \(connection.localPort) to guest port \(connection.peerPort) unanswered; closed")
+        reset(connection)
     }
 
     /// `CONNECT <decimal port>` (the newline already taken off), or nil.
@@ -581,6 +618,8 @@ final class VsockCore {
         case Vsock.Op.response:
             guard connection.phase == .connecting else { return reset(connection) }
             connection.phase = .established
+            if let timer = connection.requestTimer { loop.unregister(timer) }
+            connection.requestTimer = nil
             observer?("virtio-vsock: host connection \(connection.localPort) to guest port \(connection.peerPort) accepted")
             let reply = Array("OK \(connection.localPort)\n".utf8)
             let sent = reply.withUnsafeBytes { send(connection.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
