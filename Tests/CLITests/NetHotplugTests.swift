@@ -17,6 +17,28 @@ import Testing
 struct NetHotplugTests {
     let vmm = Executables.path("flotilla-vmm")
 
+    /// Starts flotilla-vmm in `namespace` on a held test guest that rescans its slots, with the
+    /// api-channel in `directory`, `append` added to the command line and `options` to the VMM's;
+    /// returns once QMP is negotiated and the guest holds.
+    func startHeldGuest(
+        in namespace: NetworkNamespace, directory: TemporaryDirectory, append: String = "", options: [String] = []
+    ) throws -> (process: BackgroundProcess, qmp: QMPTestClient) {
+        let api = directory.file("api.sock")
+        let process = try BackgroundProcess(
+            namespace.ip,
+            namespace.vmmArguments(
+                vmm,
+                [
+                    "-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append",
+                    "console=ttyS0 flotilla.hold=1 flotilla.rescan=1" + (append.isEmpty ? "" : " " + append),
+                    "-api-channel", "unix:\(api)",
+                ] + options))
+        let qmp = try QMPTestClient(path: api)
+        try qmp.handshake()
+        #expect(process.waitForOutput("flotilla-guest: holding", timeout: 60), "\(process.standardOutput)")
+        return (process, qmp)
+    }
+
     /// Whether a process has the tap attached: the kernel shows a tap with no queue attached as
     /// NO-CARRIER (and LOWER_UP once one is).
     static func attached(_ namespace: NetworkNamespace, _ tap: String) throws -> Bool {
@@ -40,19 +62,8 @@ struct NetHotplugTests {
         let tapMAC = try namespace.addTap("flhp0", address: "10.79.0.1/24")
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
-        let api = directory.file("api.sock")
-        let process = try BackgroundProcess(
-            namespace.ip,
-            namespace.vmmArguments(
-                vmm,
-                [
-                    "-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append",
-                    "console=ttyS0 flotilla.hold=1 flotilla.rescan=1 flotilla.net=10.79.0.2,10.79.0.1", "-iothread", "id=nio",
-                    "-api-channel", "unix:\(api)",
-                ]))
-        let qmp = try QMPTestClient(path: api)
-        try qmp.handshake()
-        #expect(process.waitForOutput("flotilla-guest: holding", timeout: 60), "\(process.standardOutput)")
+        let (process, qmp) = try startHeldGuest(
+            in: namespace, directory: directory, append: "flotilla.net=10.79.0.2,10.79.0.1", options: ["-iothread", "id=nio"])
         #expect(!(try Self.attached(namespace, "flhp0")), "nothing attaches before device_add")
 
         // StratoVirt's documented spelling: netdev_add id/ifname, device_add with the same id.
@@ -134,19 +145,9 @@ struct NetHotplugTests {
         for tap in ["flhpc", "flhpd", "flhpe"] { try namespace.addTap(tap) }
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
-        let api = directory.file("api.sock")
         let disk = try BlockHotplugTests.image(directory, "disk.img", bytes: 64 << 10)
-        let process = try BackgroundProcess(
-            namespace.ip,
-            namespace.vmmArguments(
-                vmm,
-                [
-                    "-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append", "console=ttyS0 flotilla.hold=1 flotilla.rescan=1",
-                    "-netdev", "id=cold,netdev=flhpc", "-drive", "id=disk0,file=\(disk.path)", "-api-channel", "unix:\(api)",
-                ]))
-        let qmp = try QMPTestClient(path: api)
-        try qmp.handshake()
-        #expect(process.waitForOutput("flotilla-guest: holding", timeout: 60), "\(process.standardOutput)")
+        let (process, qmp) = try startHeldGuest(
+            in: namespace, directory: directory, options: ["-netdev", "id=cold,netdev=flhpc", "-drive", "id=disk0,file=\(disk.path)"])
         #expect(process.standardOutput.contains("fact device virtio-net base=0xd0004000 irq=9 nic=0"))
 
         #expect(try qmp.execute("netdev_add", arguments: ["id": "h1", "ifname": "flhpd"])["return"] == [:])
@@ -249,18 +250,7 @@ struct NetHotplugTests {
         let tapMAC = try namespace.mac(of: "flfd0")
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
-        let api = directory.file("api.sock")
-        let process = try BackgroundProcess(
-            namespace.ip,
-            namespace.vmmArguments(
-                vmm,
-                [
-                    "-kernel", GuestImages.vmlinux, "-serial", "stdio", "-append",
-                    "console=ttyS0 flotilla.hold=1 flotilla.rescan=1 flotilla.net=10.79.1.2,10.79.1.1", "-api-channel", "unix:\(api)",
-                ]))
-        let qmp = try QMPTestClient(path: api)
-        try qmp.handshake()
-        #expect(process.waitForOutput("flotilla-guest: holding", timeout: 60), "\(process.standardOutput)")
+        let (process, qmp) = try startHeldGuest(in: namespace, directory: directory, append: "flotilla.net=10.79.1.2,10.79.1.1")
 
         // Refusals before any descriptor is taken.
         #expect(
