@@ -247,7 +247,7 @@ public final class ConsoleSocket: ConsolePort {
     // MARK: - Loop handlers (system calls under the lock, so close() cannot race them)
 
     private func acceptClients() {
-        while true {
+        for _ in 0..<UnixSocket.acceptsPerWakeup {
             enum Accepted {
                 case none
                 case refused
@@ -255,24 +255,25 @@ public final class ConsoleSocket: ConsolePort {
             }
             let accepted = state.withLock { s -> Accepted in
                 guard !s.closed else { return .none }
-                while true {
-                    let fd = fl_accept_nonblocking(listenFD)
-                    if fd < 0 {
-                        if errno == EINTR || errno == ECONNABORTED { continue }
-                        return .none
-                    }
-                    guard s.client == nil else {
-                        Array(Self.busyMessage.utf8).withUnsafeBytes { _ = send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-                        Syscall.close(fd)
-                        return .refused
-                    }
-                    s.client = fd
-                    s.clientWantsWritable = false
-                    s.clientReadPaused = false
-                    // The recent output first, then whatever comes next.
-                    s.backlog = s.history
-                    return .client(fd)
+                let fd: Int32
+                switch UnixSocket.acceptOne(listenFD) {
+                case .connection(let accepted): fd = accepted
+                case .drained: return .none
+                case .shortage:
+                    if let token = s.listenToken { loop.rest(token, events: EPOLLIN.rawValue) }
+                    return .none
                 }
+                guard s.client == nil else {
+                    Array(Self.busyMessage.utf8).withUnsafeBytes { _ = send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                    Syscall.close(fd)
+                    return .refused
+                }
+                s.client = fd
+                s.clientWantsWritable = false
+                s.clientReadPaused = false
+                // The recent output first, then whatever comes next.
+                s.backlog = s.history
+                return .client(fd)
             }
             switch accepted {
             case .none:

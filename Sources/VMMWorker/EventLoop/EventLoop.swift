@@ -22,6 +22,9 @@ public final class EventLoop: Sendable {
         var runner: pthread_t?
         /// Its kernel thread id (QMP query-iothreads).
         var threadID: Int32?
+        /// Registrations switched off by `rest`: their events and when (CLOCK_MONOTONIC
+        /// nanoseconds) to switch them on again.
+        var resting: [(token: UInt64, events: UInt32, until: UInt64)] = []
     }
 
     public let name: String
@@ -114,6 +117,38 @@ public final class EventLoop: Sendable {
         var event = epoll_event()
         _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, entry.fd, &event)
         if entry.ownsFD { Syscall.close(entry.fd) }
+    }
+
+    /// Switches `token`'s events off for `nanoseconds`, then waits for `events` again. For a
+    /// level-triggered listener whose accept4 fails for want of descriptors or memory (EMFILE,
+    /// ENFILE, ENOBUFS, ENOMEM): the connection stays queued, so the listener would wake the loop
+    /// again at once, for as long as the shortage lasts. Needs no descriptor (the loop's own
+    /// epoll_wait timeout brings it back), since it is used when there are none to spare.
+    public func rest(_ token: Token, events: UInt32, nanoseconds: UInt64 = 100_000_000) {
+        guard (try? modify(token, events: 0)) != nil else { return }
+        let until = Self.monotonicNanoseconds() &+ nanoseconds
+        state.withLock { $0.resting.append((token.value, events, until)) }
+        wake()
+    }
+
+    static func monotonicNanoseconds() -> UInt64 {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
+    }
+
+    /// The epoll_wait timeout in milliseconds: until the first resting registration is due
+    /// (rounded up), or -1 (none). Registrations that are due are switched on again.
+    private func wakeResting() -> Int32 {
+        let now = Self.monotonicNanoseconds()
+        let (due, next) = state.withLock { state -> ([(token: UInt64, events: UInt32, until: UInt64)], UInt64?) in
+            let due = state.resting.filter { $0.until <= now }
+            state.resting.removeAll { $0.until <= now }
+            return (due, state.resting.map(\.until).min())
+        }
+        for entry in due { try? modify(Token(value: entry.token), events: entry.events) }
+        guard let next else { return -1 }
+        return Int32(clamping: (next - now + 999_999) / 1_000_000)
     }
 
     /// A timerfd that calls `handler` on the loop thread every `intervalNanoseconds`
@@ -218,8 +253,9 @@ public final class EventLoop: Sendable {
         let capacity = 32
         var events = [epoll_event](repeating: epoll_event(), count: capacity)
         while true {
+            let timeout = wakeResting()
             let count = events.withUnsafeMutableBufferPointer { buffer in
-                epoll_wait(epollFD, buffer.baseAddress, Int32(capacity), -1)
+                epoll_wait(epollFD, buffer.baseAddress, Int32(capacity), timeout)
             }
             if count < 0 {
                 if errno == EINTR { continue }

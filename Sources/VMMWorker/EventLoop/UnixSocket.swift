@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import SystemPackage
 
@@ -16,6 +17,35 @@ enum UnixSocket {
         }
         let length = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count + 1)
         return (address, length)
+    }
+
+    /// What one accept on a non-blocking listener gave.
+    enum Accepted {
+        /// A connected socket, non-blocking and close-on-exec.
+        case connection(Int32)
+        /// Nothing queued (EAGAIN), or the listener is gone.
+        case drained
+        /// A connection is queued but cannot be taken now (EMFILE, ENFILE, ENOBUFS, ENOMEM):
+        /// rest the listener (``EventLoop/rest(_:events:nanoseconds:)``) or it wakes the loop at once.
+        case shortage
+    }
+
+    /// Connections one listener wakeup accepts at most, so that a flood of connects cannot keep
+    /// the loop from its other work (the level-triggered listener wakes it again for the rest).
+    static let acceptsPerWakeup = 64
+
+    /// Accepts one connection from `listenFD`, retrying EINTR and connections that were aborted
+    /// while queued.
+    static func acceptOne(_ listenFD: Int32) -> Accepted {
+        while true {
+            let fd = fl_accept_nonblocking(listenFD)
+            if fd >= 0 { return .connection(fd) }
+            switch errno {
+            case EINTR, ECONNABORTED, EPROTO: continue
+            case EMFILE, ENFILE, ENOBUFS, ENOMEM: return .shortage
+            default: return .drained
+            }
+        }
     }
 
     /// A non-blocking listening socket bound at `path`, which must not exist yet: binding

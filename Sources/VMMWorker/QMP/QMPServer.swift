@@ -183,13 +183,14 @@ public final class QMPServer: Sendable {
     }
 
     private func acceptClients() {
-        while true {
-            let fd = fl_accept_nonblocking(listenFD)
-            if fd < 0 {
-                if errno == EINTR { continue }
-                return  // EAGAIN: no more pending connections; other errors: try again on the next event
+        for _ in 0..<UnixSocket.acceptsPerWakeup {
+            switch UnixSocket.acceptOne(listenFD) {
+            case .connection(let fd): _ = adopt(fd)
+            case .drained: return
+            case .shortage:
+                if let token = listenToken.withLock({ $0 }) { loop.rest(token, events: EPOLLIN.rawValue) }
+                return
             }
-            _ = adopt(fd)
         }
     }
 
