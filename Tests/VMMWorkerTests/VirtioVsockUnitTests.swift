@@ -531,6 +531,64 @@ struct VirtioVsockUnitTests {
         #expect(driver.device.bytesToHost == UInt64(sent))
     }
 
+    @Test(
+        "a guest streams 4 MiB to a host socket with a small send buffer read 16 KiB at a time, so the device buffer never empties: every byte arrives and the buffer stays under twice buf_alloc"
+    )
+    func slowHostReader() throws {
+        let driver = try VsockDriver()
+        defer { driver.close() }
+        let server = try TestUnix.listen(driver.udsPath + "_1234")
+        defer {
+            Glibc.close(server)
+            unlink(driver.udsPath + "_1234")
+        }
+        try driver.send(driver.packet(Vsock.Op.request, hostPort: 1234))
+        #expect(try driver.receive()?.header.op == Vsock.Op.response)
+        let host = accept(server, nil, nil)
+        try #require(host >= 0)
+        defer { Glibc.close(host) }
+        // A small send buffer on the device's socket: each time the host reads, the device
+        // can write only a little of what it holds, so its buffer never empties.
+        let deviceFD = try #require(driver.device.hostDescriptors.first)
+        var sendBuffer: Int32 = 8192
+        try #require(setsockopt(deviceFD, SOL_SOCKET, SO_SNDBUF, &sendBuffer, socklen_t(4)) == 0)
+        // Small packets keep the guest's view of the buffer full, so the device always has
+        // more than the socket takes at once.
+        let chunkSize = 4096
+        let window = Int(VirtioVsockDevice.bufferAllocation)
+        let total = 4 << 20
+        func byte(_ offset: Int) -> UInt8 { UInt8(truncatingIfNeeded: offset &* 31 &+ offset >> 12) }
+        var sent = 0
+        var peerForward = 0
+        var read = 0
+        var largest = 0
+        var intact = true
+        while read < total {
+            // The guest sends whenever its view of the device's free space allows a whole chunk.
+            while sent < total && window - (sent - peerForward) >= chunkSize {
+                let chunk = (sent..<sent + chunkSize).map(byte)
+                try driver.send(driver.packet(Vsock.Op.readWrite, hostPort: 1234, length: chunk.count), chunk, at: 0x200000)
+                sent += chunk.count
+            }
+            settle(driver.loop)
+            largest = max(largest, driver.device.largestPendingStorage)
+            // The host takes 16 KiB (the device refills its socket from the buffer).
+            let piece = TestUnix.read(host, count: min(16 << 10, total - read))
+            try #require(!piece.isEmpty, "the host read nothing at \(read) of \(sent) bytes")
+            if piece != (read..<read + piece.count).map(byte) { intact = false }
+            read += piece.count
+            settle(driver.loop)
+            while try !driver.nothingReceived(), let update = try driver.receive() {
+                #expect(update.header.op == Vsock.Op.creditUpdate, "\(update.header)")
+                peerForward = max(peerForward, Int(update.header.forwardCount))
+            }
+        }
+        #expect(intact, "the host read corrupted bytes")
+        #expect(driver.device.bytesToHost == UInt64(total))
+        #expect(largest > 0, "the buffer was never used: the test did not slow the host down")
+        #expect(largest < 2 * window, "the connection's buffer grew to \(largest) bytes")
+    }
+
     @Test("a host-initiated connection the guest never answers is given up: RST to the guest, the client closed, a late RESPONSE reset")
     func unansweredRequest() throws {
         let driver = try VsockDriver(requestTimeoutNanoseconds: 50_000_000)

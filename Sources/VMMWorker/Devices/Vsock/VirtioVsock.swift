@@ -167,6 +167,11 @@ public final class VirtioVsockDevice: VirtioDevice {
     /// Entries held by the ready list and the control queue (consumed ones included): bounded
     /// by the connections, however long they stream.
     var queueStorage: Int { state.withLock { $0.core.ready.count + $0.core.control.count } }
+    /// The connections' host socket descriptors (tests set socket options on them).
+    var hostDescriptors: [Int32] { state.withLock { $0.core.connections.values.map(\.fd) } }
+    /// The largest guest → host buffer of any connection, written bytes not yet dropped
+    /// included: bounded by twice ``bufferAllocation``, however long a connection streams.
+    var largestPendingStorage: Int { state.withLock { $0.core.connections.values.map(\.pending.count).max() ?? 0 } }
 
     // MARK: Loop-thread work
 
@@ -722,6 +727,10 @@ final class VsockCore {
         updateInterest(connection)
     }
 
+    /// Written bytes at the front of a connection's buffer that are dropped even while it is
+    /// less than half consumed.
+    static let pendingCompaction = 64 << 10
+
     /// Writes waiting guest bytes to the host socket (it reported room).
     func flush(_ connection: VsockConnection) {
         while connection.pendingCount > 0 {
@@ -742,6 +751,11 @@ final class VsockCore {
         }
         if connection.pendingCount == 0 {
             connection.pending.removeAll(keepingCapacity: false)
+            connection.pendingStart = 0
+        } else if connection.pendingStart >= Self.pendingCompaction || connection.pendingStart * 2 >= connection.pending.count {
+            // A host reader slightly slower than the guest never lets the buffer empty: drop
+            // the written front, so it holds less than twice buf_alloc however long it streams.
+            connection.pending.removeFirst(connection.pendingStart)
             connection.pendingStart = 0
         }
         creditUpdateIfLow(connection)
