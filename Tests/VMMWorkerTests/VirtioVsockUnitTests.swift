@@ -91,7 +91,8 @@ final class VsockDriver {
 
     init(
         maxConnections: Int = VirtioVsockDevice.defaultMaxConnections,
-        requestTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultRequestTimeoutNanoseconds
+        requestTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultRequestTimeoutNanoseconds,
+        handshakeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultHandshakeTimeoutNanoseconds
     ) throws {
         memory = try guestMemory()
         loop = try EventLoop(name: "vsock-test")
@@ -103,7 +104,8 @@ final class VsockDriver {
         listener = try VsockListener(path: directory + "/v.sock")
         device = try VirtioVsockDevice(
             id: "vs0", guestCID: Self.guestCID, listener: listener, udsPath: directory + "/v.sock", memory: memory, loop: loop,
-            maxConnections: maxConnections, requestTimeoutNanoseconds: requestTimeoutNanoseconds)
+            maxConnections: maxConnections, requestTimeoutNanoseconds: requestTimeoutNanoseconds,
+            handshakeTimeoutNanoseconds: handshakeTimeoutNanoseconds)
         transport = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 6), device: device, memory: memory, vm: nil)
         rx = QueueAt(memory: memory, base: 0x10000)
         tx = QueueAt(memory: memory, base: 0x14000)
@@ -605,5 +607,34 @@ struct VirtioVsockUnitTests {
         #expect(driver.device.connectionCount == 0)
         try driver.send(driver.packet(Vsock.Op.response, port: 60, hostPort: request.header.sourcePort))
         #expect(try driver.receive()?.header.op == Vsock.Op.reset)
+    }
+
+    @Test("host clients that never finish their CONNECT line are closed at the handshake deadline and never take connection slots")
+    func silentHostClients() throws {
+        let driver = try VsockDriver(maxConnections: 2, handshakeTimeoutNanoseconds: 50_000_000)
+        defer { driver.close() }
+        // More silent clients than the connection cap, one with half a line.
+        var silent: [Int32] = []
+        defer { for fd in silent { Glibc.close(fd) } }
+        for _ in 0..<4 { silent.append(try TestUnix.connect(driver.udsPath)) }
+        TestUnix.send(silent[0], "CONNECT 5")
+        settle(driver.loop)
+        // They do not hold the guest's connects back.
+        let server = try TestUnix.listen(driver.udsPath + "_8")
+        defer {
+            Glibc.close(server)
+            unlink(driver.udsPath + "_8")
+        }
+        try driver.send(driver.packet(Vsock.Op.request, port: 100, hostPort: 8))
+        #expect(try driver.receive()?.header.op == Vsock.Op.response)
+        // The deadline closes each of them; nothing reached the guest.
+        for fd in silent { #expect(TestUnix.atEOF(fd), "a silent host client was kept") }
+        #expect(try driver.nothingReceived())
+        // A client that does send its line is still served.
+        let client = try TestUnix.connect(driver.udsPath)
+        defer { Glibc.close(client) }
+        TestUnix.send(client, "CONNECT 52\n")
+        let request = try #require(try driver.receive())
+        #expect(request.header.op == Vsock.Op.request && request.header.destinationPort == 52)
     }
 }

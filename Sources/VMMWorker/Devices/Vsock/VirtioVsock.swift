@@ -35,6 +35,14 @@ public final class VirtioVsockDevice: VirtioDevice {
     /// cap, until the device resets. (Firecracker waits 2 s; a guest here may be emulated
     /// instruction by instruction, so it gets longer.)
     public static let defaultRequestTimeoutNanoseconds: UInt64 = 10_000_000_000
+    /// How long a host client has to send its `CONNECT <port>\n` line (Firecracker's 2 s): one
+    /// that connects and sends nothing would otherwise hold a descriptor, and a handshake slot,
+    /// for as long as it likes.
+    public static let defaultHandshakeTimeoutNanoseconds: UInt64 = 2_000_000_000
+    /// Host clients still sending their CONNECT line at once. They have their own cap, so
+    /// that clients which connect and stay silent cannot take the connection slots that guest
+    /// connects and established connections use.
+    public static let maxHandshakes = 16
     /// Control packets (responses, resets, credit updates) waiting for receive buffers. While
     /// that many wait, transmitq is not served: a guest that does not post receive buffers is
     /// held back rather than growing this queue.
@@ -68,7 +76,8 @@ public final class VirtioVsockDevice: VirtioDevice {
     public init(
         id: String, guestCID: UInt64, listener: VsockListener?, udsPath: String?, memory: GuestMemory, loop: EventLoop,
         maxConnections: Int = VirtioVsockDevice.defaultMaxConnections,
-        requestTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultRequestTimeoutNanoseconds
+        requestTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultRequestTimeoutNanoseconds,
+        handshakeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultHandshakeTimeoutNanoseconds
     ) throws(SyscallError) {
         self.id = id
         self.guestCID = guestCID
@@ -77,15 +86,17 @@ public final class VirtioVsockDevice: VirtioDevice {
         self.listener = listener
         let core = VsockCore(
             memory: memory, guestCID: guestCID, udsPath: udsPath, loop: loop, maxConnections: maxConnections,
-            requestTimeoutNanoseconds: requestTimeoutNanoseconds)
+            requestTimeoutNanoseconds: requestTimeoutNanoseconds, handshakeTimeoutNanoseconds: handshakeTimeoutNanoseconds)
         state = Mutex(
             State(
                 receiveHandler: VsockReceiveHandler(core: core), transmitHandler: VsockTransmitHandler(core: core), core: core))
         let handler: @Sendable (UInt64, UInt32) -> Void = { [weak self] id, events in self?.socketEvent(id: id, events: events) }
         let expiry: @Sendable (UInt64) -> Void = { [weak self] id in self?.requestExpired(id: id) }
+        let handshakeExpiry: @Sendable (UInt64) -> Void = { [weak self] id in self?.handshakeExpired(id: id) }
         state.withLock {
             $0.core.eventHandler = handler
             $0.core.expiryHandler = expiry
+            $0.core.handshakeExpiryHandler = handshakeExpiry
         }
         if let listener {
             let token = try loop.register(fd: listener.fd, events: EPOLLIN.rawValue) { [weak self] _ in self?.acceptClients() }
@@ -198,6 +209,10 @@ public final class VirtioVsockDevice: VirtioDevice {
         }
     }
 
+    private func handshakeExpired(id: UInt64) {
+        state.withLock { state in state.core.handshakeExpired(id: id) }
+    }
+
     private func requestExpired(id: UInt64) {
         state.withLock { state in
             state.core.requestExpired(id: id)
@@ -285,6 +300,8 @@ final class VsockConnection {
 final class VsockHandshake {
     let fd: Int32
     var token: EventLoop.Token?
+    /// Closes the client if the line has not come by then.
+    var timer: EventLoop.Token?
     var line: [UInt8] = []
 
     init(fd: Int32) { self.fd = fd }
@@ -304,8 +321,10 @@ final class VsockCore {
     let loop: EventLoop
     let maxConnections: Int
     let requestTimeoutNanoseconds: UInt64
+    let handshakeTimeoutNanoseconds: UInt64
     var eventHandler: (@Sendable (_ id: UInt64, _ events: UInt32) -> Void)?
     var expiryHandler: (@Sendable (_ id: UInt64) -> Void)?
+    var handshakeExpiryHandler: (@Sendable (_ id: UInt64) -> Void)?
     var observer: (@Sendable (String) -> Void)?
     var active = false
 
@@ -329,8 +348,12 @@ final class VsockCore {
     var bytesToHost: UInt64 = 0
     var bytesToGuest: UInt64 = 0
 
-    init(memory: GuestMemory, guestCID: UInt64, udsPath: String?, loop: EventLoop, maxConnections: Int, requestTimeoutNanoseconds: UInt64) {
+    init(
+        memory: GuestMemory, guestCID: UInt64, udsPath: String?, loop: EventLoop, maxConnections: Int, requestTimeoutNanoseconds: UInt64,
+        handshakeTimeoutNanoseconds: UInt64
+    ) {
         self.maxConnections = maxConnections
+        self.handshakeTimeoutNanoseconds = handshakeTimeoutNanoseconds
         self.requestTimeoutNanoseconds = requestTimeoutNanoseconds
         self.memory = memory
         self.guestCID = guestCID
@@ -381,7 +404,9 @@ final class VsockCore {
 
     // MARK: Connections
 
-    var openCount: Int { connections.count + handshakes.count }
+    /// Connections open; handshakes have their own cap (``VirtioVsockDevice/maxHandshakes``), so
+    /// the descriptors held are at most the sum of both caps.
+    var openCount: Int { connections.count }
 
     func add(_ connection: VsockConnection) {
         connections[connection.id] = connection
@@ -407,11 +432,7 @@ final class VsockCore {
 
     func closeAll() {
         for connection in Array(connections.values) { drop(connection) }
-        for (id, handshake) in handshakes {
-            if let token = handshake.token { loop.unregister(token) }
-            Syscall.close(handshake.fd)
-            handshakes.removeValue(forKey: id)
-        }
+        for id in Array(handshakes.keys) { closeHandshake(id: id) }
         control.removeAll()
         controlStart = 0
         ready.removeAll()
@@ -507,7 +528,7 @@ final class VsockCore {
                 if errno == EINTR { continue }
                 return
             }
-            guard active, openCount < maxConnections else {
+            guard active, openCount < maxConnections, handshakes.count < VirtioVsockDevice.maxHandshakes else {
                 // No driver to connect to, or the cap reached: the client sees its socket close.
                 Syscall.close(fd)
                 continue
@@ -523,7 +544,28 @@ final class VsockCore {
                 continue
             }
             handshakes[id] = handshake
+            let expiry = handshakeExpiryHandler
+            guard let timer = try? loop.schedule(afterNanoseconds: handshakeTimeoutNanoseconds, handler: { expiry?(id) }) else {
+                closeHandshake(id: id)
+                continue
+            }
+            handshake.timer = timer
         }
+    }
+
+    /// Forgets a handshake and closes its client.
+    func closeHandshake(id: UInt64) {
+        guard let handshake = handshakes.removeValue(forKey: id) else { return }
+        if let token = handshake.token { loop.unregister(token) }
+        if let timer = handshake.timer { loop.unregister(timer) }
+        Syscall.close(handshake.fd)
+    }
+
+    /// A host client did not finish its CONNECT line in time: closed.
+    func handshakeExpired(id: UInt64) {
+        guard handshakes[id] != nil else { return }
+        observer?("virtio-vsock: host client sent no CONNECT line within the handshake deadline; closed")
+        closeHandshake(id: id)
     }
 
     /// The longest `CONNECT <port>\n` line: "CONNECT " + 10 digits + "\n".
@@ -532,11 +574,7 @@ final class VsockCore {
     /// Reads the client's line a byte at a time (what follows it stays in the socket for the
     /// guest); on `\n`, asks the guest with OP_REQUEST.
     func readHandshake(id: UInt64, _ handshake: VsockHandshake) {
-        func close() {
-            if let token = handshake.token { loop.unregister(token) }
-            Syscall.close(handshake.fd)
-            handshakes.removeValue(forKey: id)
-        }
+        func close() { closeHandshake(id: id) }
         var byte: UInt8 = 0
         while true {
             let count = recv(handshake.fd, &byte, 1, Int32(MSG_DONTWAIT))
@@ -548,8 +586,9 @@ final class VsockCore {
                 if handshake.line.count >= Self.maxConnectLine { return close() }
                 continue
             }
-            guard let port = Self.parseConnect(handshake.line), active else { return close() }
+            guard let port = Self.parseConnect(handshake.line), active, openCount < maxConnections else { return close() }
             if let token = handshake.token { loop.unregister(token) }
+            if let timer = handshake.timer { loop.unregister(timer) }
             handshakes.removeValue(forKey: id)
             var local = nextLocalPort
             while byPorts[VsockPortPair(local: local, peer: port)] != nil { local &+= 1 }
