@@ -92,7 +92,8 @@ final class VsockDriver {
     init(
         maxConnections: Int = VirtioVsockDevice.defaultMaxConnections,
         requestTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultRequestTimeoutNanoseconds,
-        handshakeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultHandshakeTimeoutNanoseconds
+        handshakeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultHandshakeTimeoutNanoseconds,
+        receiveBuffers: Bool = true
     ) throws {
         memory = try guestMemory()
         loop = try EventLoop(name: "vsock-test")
@@ -111,6 +112,11 @@ final class VsockDriver {
         tx = QueueAt(memory: memory, base: 0x14000)
         event = QueueAt(memory: memory, base: 0x18000)
         bringUp(transport, features: Vsock.featureStream, queues: [rx, tx, event])
+        if receiveBuffers { try postReceiveBuffers() }
+    }
+
+    /// Posts the 8 receive buffers.
+    func postReceiveBuffers() throws {
         for slot in UInt16(0)..<8 {
             try rx.descriptor(
                 slot, address: Self.receiveBuffers + UInt64(slot) * 0x2000, length: Self.receiveLength, flags: 2)
@@ -636,5 +642,45 @@ struct VirtioVsockUnitTests {
         TestUnix.send(client, "CONNECT 52\n")
         let request = try #require(try driver.receive())
         #expect(request.header.op == Vsock.Op.request && request.header.destinationPort == 52)
+    }
+
+    @Test(
+        "a guest that posts no receive buffers: host clients are refused once the control queue is full, and expiring requests are taken back rather than answered with RST"
+    )
+    func controlQueueFromHost() throws {
+        let limit = VirtioVsockDevice.maxPendingControl
+        do {
+            // Requests wait far longer than the client's 10 s read: only a refusal closes it.
+            let driver = try VsockDriver(maxConnections: limit + 8, requestTimeoutNanoseconds: 600_000_000_000, receiveBuffers: false)
+            defer { driver.close() }
+            var clients: [Int32] = []
+            defer { for fd in clients { Glibc.close(fd) } }
+            for index in 0..<limit {
+                let client = try TestUnix.connect(driver.udsPath)
+                clients.append(client)
+                TestUnix.send(client, "CONNECT \(index + 1)\n")
+                try #require(waitUntil { driver.device.connectionCount == index + 1 }, "client \(index) was not connected")
+            }
+            #expect(driver.device.controlBacklog == limit)
+            let refused = try TestUnix.connect(driver.udsPath)
+            defer { Glibc.close(refused) }
+            TestUnix.send(refused, "CONNECT 9999\n")
+            #expect(TestUnix.atEOF(refused), "a client was kept with the control queue full")
+            #expect(driver.device.controlBacklog == limit && driver.device.connectionCount == limit)
+        }
+        // The guest never saw these requests: when they expire nothing is queued for it.
+        let driver = try VsockDriver(requestTimeoutNanoseconds: 50_000_000, receiveBuffers: false)
+        defer { driver.close() }
+        for index in 0..<10 {
+            let client = try TestUnix.connect(driver.udsPath)
+            defer { Glibc.close(client) }
+            TestUnix.send(client, "CONNECT \(index + 1)\n")
+            #expect(TestUnix.atEOF(client), "an unanswered client was kept")
+        }
+        settle(driver.loop)
+        #expect(driver.device.connectionCount == 0)
+        #expect(driver.device.controlBacklog == 0, "expired requests left packets for the guest")
+        try driver.postReceiveBuffers()
+        #expect(try driver.nothingReceived())
     }
 }

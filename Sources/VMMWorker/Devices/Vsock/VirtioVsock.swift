@@ -178,6 +178,8 @@ public final class VirtioVsockDevice: VirtioDevice {
     /// Entries held by the ready list and the control queue (consumed ones included): bounded
     /// by the connections, however long they stream.
     var queueStorage: Int { state.withLock { $0.core.ready.count + $0.core.control.count } }
+    /// Control packets waiting for receive buffers.
+    var controlBacklog: Int { state.withLock { $0.core.controlCount } }
     /// The connections' host socket descriptors (tests set socket options on them).
     var hostDescriptors: [Int32] { state.withLock { $0.core.connections.values.map(\.fd) } }
     /// The largest guest → host buffer of any connection, written bytes not yet dropped
@@ -586,7 +588,12 @@ final class VsockCore {
                 if handshake.line.count >= Self.maxConnectLine { return close() }
                 continue
             }
-            guard let port = Self.parseConnect(handshake.line), active, openCount < maxConnections else { return close() }
+            // A guest that posts no receive buffers leaves control packets queued; a client
+            // that would add its OP_REQUEST to a full queue is refused, so host clients cannot
+            // grow it (transmitq is held back at the same bound).
+            guard let port = Self.parseConnect(handshake.line), active, openCount < maxConnections,
+                controlCount < VirtioVsockDevice.maxPendingControl
+            else { return close() }
             if let token = handshake.token { loop.unregister(token) }
             if let timer = handshake.timer { loop.unregister(timer) }
             handshakes.removeValue(forKey: id)
@@ -604,12 +611,19 @@ final class VsockCore {
     }
 
     /// The guest did not answer a host-initiated OP_REQUEST in time: OP_RST (so a late
-    /// OP_RESPONSE finds no connection) and the client is closed.
+    /// OP_RESPONSE finds no connection) and the client is closed. If the OP_REQUEST itself
+    /// still waits for a receive buffer, the guest never heard of the connection: the request
+    /// is taken back instead, so expiring connections cannot grow the control queue.
     func requestExpired(id: UInt64) {
         guard let connection = connections[id], connection.phase == .connecting else { return }
         connection.requestTimer = nil
         observer?("virtio-vsock: host connection \(connection.localPort) to guest port \(connection.peerPort) unanswered; closed")
-        reset(connection)
+        let queued = control[controlStart...].firstIndex {
+            $0.op == Vsock.Op.request && $0.sourcePort == connection.localPort && $0.destinationPort == connection.peerPort
+        }
+        guard let queued else { return reset(connection) }
+        control.remove(at: queued)
+        drop(connection)
     }
 
     /// `CONNECT <decimal port>` (the newline already taken off), or nil.
