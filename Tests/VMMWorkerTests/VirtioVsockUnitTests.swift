@@ -683,4 +683,33 @@ struct VirtioVsockUnitTests {
         try driver.postReceiveBuffers()
         #expect(try driver.nothingReceived())
     }
+
+    @Test("one listener wakeup accepts at most 64 host clients; the rest wait for the next")
+    func acceptsPerWakeup() throws {
+        let memory = try guestMemory()
+        let loop = try EventLoop(name: "vsock-accept-test")
+        var template = Array("/tmp/flotilla-vsock-XXXXXX".utf8CString)
+        let made = template.withUnsafeMutableBufferPointer { buffer in buffer.baseAddress.flatMap { mkdtemp($0) } }
+        try #require(made != nil)
+        let directory = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let path = directory + "/l.sock"
+        let listenFD = try UnixSocket.listen(path: path, mode: 0o600, backlog: 128)
+        defer {
+            Glibc.close(listenFD)
+            unlink(path)
+            rmdir(directory)
+        }
+        var clients: [Int32] = []
+        defer { for fd in clients { Glibc.close(fd) } }
+        for _ in 0..<100 { clients.append(try TestUnix.connect(path)) }
+        // Not active (no driver): every client taken is closed at once.
+        let core = VsockCore(
+            memory: memory, guestCID: 5, udsPath: nil, loop: loop, maxConnections: 128, requestTimeoutNanoseconds: 1,
+            handshakeTimeoutNanoseconds: 1)
+        let first = core.accept(from: listenFD)
+        #expect(first.accepted == UnixSocket.acceptsPerWakeup && !first.shortage)
+        let second = core.accept(from: listenFD)
+        #expect(second.accepted == 100 - UnixSocket.acceptsPerWakeup && !second.shortage)
+        for fd in clients { #expect(TestUnix.atEOF(fd)) }
+    }
 }

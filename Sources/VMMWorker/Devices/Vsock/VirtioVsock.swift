@@ -206,7 +206,11 @@ public final class VirtioVsockDevice: VirtioDevice {
     private func acceptClients() {
         guard let listener else { return }
         state.withLock { state in
-            state.core.accept(from: listener.fd)
+            // Out of descriptors or memory the connection stays queued and the level-triggered
+            // listener would wake the loop at once, forever: it rests for a while instead.
+            if state.core.accept(from: listener.fd).shortage, let token = state.listenToken {
+                loop.rest(token, events: EPOLLIN.rawValue)
+            }
             serve(&state)
         }
     }
@@ -523,12 +527,18 @@ final class VsockCore {
 
     // MARK: Host-initiated connections
 
-    func accept(from listenFD: Int32) {
-        while true {
-            let fd = fl_accept_nonblocking(listenFD)
-            if fd < 0 {
-                if errno == EINTR { continue }
-                return
+    /// Accepts at most ``UnixSocket/acceptsPerWakeup`` host clients (a connect flood cannot
+    /// hold the loop; the level-triggered listener wakes it again for the rest). Returns how
+    /// many were taken (refused ones included), and whether accepting stopped for want of
+    /// descriptors or memory.
+    @discardableResult
+    func accept(from listenFD: Int32) -> (accepted: Int, shortage: Bool) {
+        for accepted in 0..<UnixSocket.acceptsPerWakeup {
+            let fd: Int32
+            switch UnixSocket.acceptOne(listenFD) {
+            case .connection(let connected): fd = connected
+            case .drained: return (accepted, false)
+            case .shortage: return (accepted, true)
             }
             guard active, openCount < maxConnections, handshakes.count < VirtioVsockDevice.maxHandshakes else {
                 // No driver to connect to, or the cap reached: the client sees its socket close.
@@ -553,6 +563,7 @@ final class VsockCore {
             }
             handshake.timer = timer
         }
+        return (UnixSocket.acceptsPerWakeup, false)
     }
 
     /// Forgets a handshake and closes its client.
