@@ -605,6 +605,11 @@ final class VsockCore {
             guard let port = Self.parseConnect(handshake.line), active, openCount < maxConnections,
                 controlCount < VirtioVsockDevice.maxPendingControl
             else { return close() }
+            // Without its deadline a connection the guest ignores would be held forever: no
+            // timer (out of descriptors), no connection — the client is closed.
+            let expiry = expiryHandler
+            guard let requestTimer = try? loop.schedule(afterNanoseconds: requestTimeoutNanoseconds, handler: { expiry?(id) })
+            else { return close() }
             if let token = handshake.token { loop.unregister(token) }
             if let timer = handshake.timer { loop.unregister(timer) }
             handshakes.removeValue(forKey: id)
@@ -615,8 +620,7 @@ final class VsockCore {
             let connection = VsockConnection(id: id, fd: handshake.fd, localPort: local, peerPort: port, phase: .connecting)
             add(connection)
             enqueue(header(connection, op: Vsock.Op.request))
-            let expiry = expiryHandler
-            connection.requestTimer = try? loop.schedule(afterNanoseconds: requestTimeoutNanoseconds) { expiry?(id) }
+            connection.requestTimer = requestTimer
             return
         }
     }
