@@ -183,7 +183,7 @@ public enum JSONConfig {
                 var udsPath: String?
                 if vsock["uds_path"] != nil {
                     let path = try requiredString(vsock, "uds_path", "vsock")
-                    try ConfigRules.checkSocketPath(path, field: field("vsock.uds_path"))
+                    try ConfigRules.checkVsockUdsPath(path, field: field("vsock.uds_path"))
                     udsPath = path
                 }
                 layer.vsock = VsockConfig(id: try requiredString(vsock, "vsock_id", "vsock"), guestCID: cid, udsPath: udsPath)

@@ -237,7 +237,7 @@ public enum StratoVirtCommandLine {
                 }
                 try ConfigRules.checkCID(cid, field: opts.field("guest-cid"))
                 let udsPath = try opts.optionalString("uds-path")
-                if let udsPath { try ConfigRules.checkSocketPath(udsPath, field: opts.field("uds-path")) }
+                if let udsPath { try ConfigRules.checkVsockUdsPath(udsPath, field: opts.field("uds-path")) }
                 layer.vsock = VsockConfig(id: try opts.required("id"), guestCID: cid, udsPath: udsPath)
             case "api-channel":
                 let text = try value(for: name)

@@ -106,7 +106,7 @@ extension VMConfig {
         if let vsock {
             try claim(vsock.id, field: "-device vsock id / vsock.vsock_id")
             try ConfigRules.checkCID(vsock.guestCID, field: "-device vsock guest-cid / vsock.guest_cid")
-            if let path = vsock.udsPath { try ConfigRules.checkSocketPath(path, field: "-device vsock uds-path / vsock.uds_path") }
+            if let path = vsock.udsPath { try ConfigRules.checkVsockUdsPath(path, field: "-device vsock uds-path / vsock.uds_path") }
         }
         if let rng {
             try ConfigRules.checkPath(rng.randomFile, field: "-rng random_file / rng.random_file")
@@ -143,6 +143,21 @@ extension RuntimeOptions {
 extension ConfigRules {
     /// `sockaddr_un.sun_path` holds 108 bytes including the terminating NUL.
     public static let maxSocketPathBytes = 107
+
+    /// A guest connection to host port P is connected to `<uds-path>_P`: "_" and up to 10
+    /// digits more must still fit sun_path.
+    public static let maxVsockUdsPathBytes = maxSocketPathBytes - 11
+
+    static func checkVsockUdsPath(_ path: String, field: String) throws(ConfigError) {
+        try checkSocketPath(path, field: field)
+        guard path.utf8.count <= maxVsockUdsPathBytes else {
+            throw ConfigError(
+                field: field, value: path,
+                problem:
+                    "socket path too long (\(path.utf8.count) bytes): guest connections to port P use PATH_P, up to 11 bytes longer, which must fit sockaddr_un (\(maxSocketPathBytes) bytes)",
+                allowed: "at most \(maxVsockUdsPathBytes) bytes")
+        }
+    }
 
     static func checkSocketPath(_ path: String, field: String) throws(ConfigError) {
         try checkPath(path, field: field)

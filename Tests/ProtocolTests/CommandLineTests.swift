@@ -91,6 +91,10 @@ struct CommandLineTests {
         (["-device", "vsock,id=v,guest-cid=3"], { $0.vsock?.guestCID == 3 }),
         (["-device", "vsock,id=v,guest-cid=4294967294"], { $0.vsock?.guestCID == 4_294_967_294 }),
         (["-device", "vsock,id=v,guest-cid=3,uds-path=/run/v.sock"], { $0.vsock?.udsPath == "/run/v.sock" }),
+        (
+            ["-device", "vsock,id=v,guest-cid=3,uds-path=/" + String(repeating: "s", count: 95)],
+            { $0.vsock?.udsPath?.utf8.count == ConfigRules.maxVsockUdsPathBytes }
+        ),
         (["-device", "vsock,id=v,guest-cid=3"], { $0.vsock?.udsPath == nil }),
         (["-name", String(repeating: "n", count: 255)], { $0.name?.count == 255 }),
         (["-name", "a"], { $0.name == "a" }),
@@ -139,6 +143,11 @@ struct CommandLineTests {
         (["-device", "vsock,id=v"], ["guest-cid", "is required"]),
         (["-device", "vsock,id=v,guest-cid=3,uds-path="], ["uds-path", "must not be empty"]),
         (["-device", "vsock,id=v,guest-cid=3,uds-path=/" + String(repeating: "s", count: 107)], ["uds-path", "at most 107 bytes"]),
+        // PATH_4294967295 must fit sun_path too: 97 bytes is one too many.
+        (
+            ["-device", "vsock,id=v,guest-cid=3,uds-path=/" + String(repeating: "s", count: 96)],
+            ["uds-path", "PATH_P", "at most 96 bytes"]
+        ),
         (["-device", "virtio-blk,id=v"], ["-device", "'virtio-blk'", "vsock"]),
         (["-name", ""], ["-name", "''", "1 to 255 characters"]),
         (["-name", String(repeating: "n", count: 256)], ["-name", "1 to 255 characters"]),

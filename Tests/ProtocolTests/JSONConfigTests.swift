@@ -174,6 +174,11 @@ struct JSONConfigTests {
             ["vsock.uds_path", "expected a string"]
         ),
         (
+            #"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"vsock_id": "v", "guest_cid": 3, "uds_path": "/"#
+                + String(repeating: "s", count: 96) + #""}}"#,
+            ["vsock.uds_path", "PATH_P", "at most 96 bytes"]
+        ),
+        (
             #"{"boot-source": {"kernel_image_path": "/k"}, "rng": {"random_file": "/dev/random", "bytes_per_sec": 63}}"#,
             ["rng.bytes_per_sec", "'63'", "64 to 1000000000"]
         ),
