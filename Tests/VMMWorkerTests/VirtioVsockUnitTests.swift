@@ -93,7 +93,7 @@ final class VsockDriver {
         maxConnections: Int = VirtioVsockDevice.defaultMaxConnections,
         requestTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultRequestTimeoutNanoseconds,
         handshakeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultHandshakeTimeoutNanoseconds,
-        receiveBuffers: Bool = true
+        receiveBuffers: Bool = true, closeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultCloseTimeoutNanoseconds
     ) throws {
         memory = try guestMemory()
         loop = try EventLoop(name: "vsock-test")
@@ -106,7 +106,7 @@ final class VsockDriver {
         device = try VirtioVsockDevice(
             id: "vs0", guestCID: Self.guestCID, listener: listener, udsPath: directory + "/v.sock", memory: memory, loop: loop,
             maxConnections: maxConnections, requestTimeoutNanoseconds: requestTimeoutNanoseconds,
-            handshakeTimeoutNanoseconds: handshakeTimeoutNanoseconds)
+            handshakeTimeoutNanoseconds: handshakeTimeoutNanoseconds, closeTimeoutNanoseconds: closeTimeoutNanoseconds)
         transport = try VirtioMMIOTransport(slot: VirtioMMIOSlot(slot: 6), device: device, memory: memory, vm: nil)
         rx = QueueAt(memory: memory, base: 0x10000)
         tx = QueueAt(memory: memory, base: 0x14000)
@@ -711,5 +711,36 @@ struct VirtioVsockUnitTests {
         let second = core.accept(from: listenFD)
         #expect(second.accepted == 100 - UnixSocket.acceptsPerWakeup && !second.shortage)
         for fd in clients { #expect(TestUnix.atEOF(fd)) }
+    }
+
+    @Test("the guest shuts down both ways while its bytes wait for a host that does not read: reset at the close deadline (§5.10.6.6)")
+    func forcedClose() throws {
+        let driver = try VsockDriver(closeTimeoutNanoseconds: 50_000_000)
+        defer { driver.close() }
+        let server = try TestUnix.listen(driver.udsPath + "_1234")
+        defer {
+            Glibc.close(server)
+            unlink(driver.udsPath + "_1234")
+        }
+        try driver.send(driver.packet(Vsock.Op.request, hostPort: 1234))
+        #expect(try driver.receive()?.header.op == Vsock.Op.response)
+        let host = accept(server, nil, nil)
+        try #require(host >= 0)
+        defer { Glibc.close(host) }
+        let deviceFD = try #require(driver.device.hostDescriptors.first)
+        var sendBuffer: Int32 = 4096
+        try #require(setsockopt(deviceFD, SOL_SOCKET, SO_SNDBUF, &sendBuffer, socklen_t(4)) == 0)
+        let chunk = [UInt8](repeating: 3, count: Vsock.maxPayload)
+        try driver.send(driver.packet(Vsock.Op.readWrite, hostPort: 1234, length: chunk.count), chunk, at: 0x200000)
+        settle(driver.loop)
+        try #require(driver.device.largestPendingStorage > 0, "the host socket took everything: nothing waits")
+        try driver.send(driver.packet(Vsock.Op.shutdown, hostPort: 1234, flags: Vsock.shutdownBoth))
+        // (A credit update for the bytes the socket took may come first.)
+        var packet = try #require(try driver.receive(), "no RST: the connection is held for the host")
+        if packet.header.op == Vsock.Op.creditUpdate {
+            packet = try #require(try driver.receive(), "no RST: the connection is held for the host")
+        }
+        #expect(packet.header.op == Vsock.Op.reset && packet.header.destinationPort == 3000, "\(packet.header)")
+        #expect(driver.device.connectionCount == 0)
     }
 }

@@ -39,6 +39,10 @@ public final class VirtioVsockDevice: VirtioDevice {
     /// that connects and sends nothing would otherwise hold a descriptor, and a handshake slot,
     /// for as long as it likes.
     public static let defaultHandshakeTimeoutNanoseconds: UInt64 = 2_000_000_000
+    /// How long a connection the guest shut down both ways may wait for its bytes to reach a
+    /// host socket that does not read before it is reset (§5.10.6.6: without an OP_RST in an
+    /// implementation-specific time, OP_RST forcibly disconnects).
+    public static let defaultCloseTimeoutNanoseconds: UInt64 = 10_000_000_000
     /// Host clients still sending their CONNECT line at once. They have their own cap, so
     /// that clients which connect and stay silent cannot take the connection slots that guest
     /// connects and established connections use.
@@ -77,7 +81,8 @@ public final class VirtioVsockDevice: VirtioDevice {
         id: String, guestCID: UInt64, listener: VsockListener?, udsPath: String?, memory: GuestMemory, loop: EventLoop,
         maxConnections: Int = VirtioVsockDevice.defaultMaxConnections,
         requestTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultRequestTimeoutNanoseconds,
-        handshakeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultHandshakeTimeoutNanoseconds
+        handshakeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultHandshakeTimeoutNanoseconds,
+        closeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultCloseTimeoutNanoseconds
     ) throws(SyscallError) {
         self.id = id
         self.guestCID = guestCID
@@ -86,7 +91,8 @@ public final class VirtioVsockDevice: VirtioDevice {
         self.listener = listener
         let core = VsockCore(
             memory: memory, guestCID: guestCID, udsPath: udsPath, loop: loop, maxConnections: maxConnections,
-            requestTimeoutNanoseconds: requestTimeoutNanoseconds, handshakeTimeoutNanoseconds: handshakeTimeoutNanoseconds)
+            requestTimeoutNanoseconds: requestTimeoutNanoseconds, handshakeTimeoutNanoseconds: handshakeTimeoutNanoseconds,
+            closeTimeoutNanoseconds: closeTimeoutNanoseconds)
         state = Mutex(
             State(
                 receiveHandler: VsockReceiveHandler(core: core), transmitHandler: VsockTransmitHandler(core: core), core: core))
@@ -255,7 +261,8 @@ final class VsockConnection {
     var phase: Phase
     var token: EventLoop.Token?
     var registered: UInt32 = 0
-    /// The timer that gives up on the guest's OP_RESPONSE (host-initiated, while connecting).
+    /// The timer that gives up on the guest's OP_RESPONSE (host-initiated, while connecting),
+    /// or, once the guest shut down both ways, on the host taking the last bytes.
     var requestTimer: EventLoop.Token?
 
     /// The guest's receive buffer and how much of what it was sent it has consumed (§5.10.6.3).
@@ -328,6 +335,7 @@ final class VsockCore {
     let maxConnections: Int
     let requestTimeoutNanoseconds: UInt64
     let handshakeTimeoutNanoseconds: UInt64
+    let closeTimeoutNanoseconds: UInt64
     var eventHandler: (@Sendable (_ id: UInt64, _ events: UInt32) -> Void)?
     var expiryHandler: (@Sendable (_ id: UInt64) -> Void)?
     var handshakeExpiryHandler: (@Sendable (_ id: UInt64) -> Void)?
@@ -356,8 +364,9 @@ final class VsockCore {
 
     init(
         memory: GuestMemory, guestCID: UInt64, udsPath: String?, loop: EventLoop, maxConnections: Int, requestTimeoutNanoseconds: UInt64,
-        handshakeTimeoutNanoseconds: UInt64
+        handshakeTimeoutNanoseconds: UInt64, closeTimeoutNanoseconds: UInt64 = VirtioVsockDevice.defaultCloseTimeoutNanoseconds
     ) {
+        self.closeTimeoutNanoseconds = closeTimeoutNanoseconds
         self.maxConnections = maxConnections
         self.handshakeTimeoutNanoseconds = handshakeTimeoutNanoseconds
         self.requestTimeoutNanoseconds = requestTimeoutNanoseconds
@@ -630,7 +639,15 @@ final class VsockCore {
     /// still waits for a receive buffer, the guest never heard of the connection: the request
     /// is taken back instead, so expiring connections cannot grow the control queue.
     func requestExpired(id: UInt64) {
-        guard let connection = connections[id], connection.phase == .connecting else { return }
+        guard let connection = connections[id] else { return }
+        guard connection.phase == .connecting else {
+            // Shut down both ways by the guest, and the host has not taken its bytes in time.
+            connection.requestTimer = nil
+            observer?(
+                "virtio-vsock: connection \(connection.localPort) to guest port \(connection.peerPort) closed with bytes the host did not read; reset"
+            )
+            return reset(connection)
+        }
         connection.requestTimer = nil
         observer?("virtio-vsock: host connection \(connection.localPort) to guest port \(connection.peerPort) unanswered; closed")
         let queued = control[controlStart...].firstIndex {
@@ -709,7 +726,17 @@ final class VsockCore {
             if connection.guestShutdown & Vsock.shutdownReceive != 0 { connection.readable = false }
             closeHostWritingIfDone(connection)
             finishIfDone(connection)
-            if connections[connection.id] != nil { updateInterest(connection) }
+            guard connections[connection.id] != nil else { return }
+            updateInterest(connection)
+            // Done both ways but its bytes still wait for the host: they get a deadline.
+            if connection.guestShutdown == Vsock.shutdownBoth, connection.requestTimer == nil {
+                let expiry = expiryHandler
+                let id = connection.id
+                guard let timer = try? loop.schedule(afterNanoseconds: closeTimeoutNanoseconds, handler: { expiry?(id) }) else {
+                    return reset(connection)
+                }
+                connection.requestTimer = timer
+            }
         case Vsock.Op.readWrite:
             receive(packet, on: connection, payload: payload)
         case Vsock.Op.creditUpdate:
