@@ -6,20 +6,9 @@ import Testing
 
 /// Unix stream sockets for the host side of the tests.
 enum TestUnix {
-    static func address(_ path: String) -> (sockaddr_un, socklen_t) {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            let bytes = Array(path.utf8)
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        return (address, socklen_t(MemoryLayout<sockaddr_un>.size))
-    }
-
     static func listen(_ path: String) throws -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        var (address, length) = address(path)
+        var (address, length) = try UnixSocket.address(path)
         let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
         try #require(bound == 0 && Glibc.listen(fd, 64) == 0, "bind/listen \(path): \(errno)")
         // accept(2) gives up after 10 s (SO_RCVTIMEO): a missing connection fails the test.
@@ -30,7 +19,7 @@ enum TestUnix {
 
     static func connect(_ path: String) throws -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        var (address, length) = address(path)
+        var (address, length) = try UnixSocket.address(path)
         let result = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) }
         }
@@ -132,6 +121,21 @@ final class VsockDriver {
         HostThread.join(thread)
         listener.close()
         _ = rmdir(directory)
+    }
+
+    /// A host listener at `<uds path>_<hostPort>` (closed and removed by `close`), a guest
+    /// connection to it that the device answers with OP_RESPONSE, and the host end accepted.
+    func connectedHost(port hostPort: UInt32 = 1234) throws -> Int32 {
+        let server = try TestUnix.listen(udsPath + "_\(hostPort)")
+        defer {
+            Glibc.close(server)
+            unlink(udsPath + "_\(hostPort)")
+        }
+        try send(packet(Vsock.Op.request, hostPort: hostPort))
+        #expect(try receive()?.header.op == Vsock.Op.response)
+        let host = accept(server, nil, nil)
+        try #require(host >= 0)
+        return host
     }
 
     func notify(_ queue: Int) {
@@ -490,14 +494,7 @@ struct VirtioVsockUnitTests {
     func backPressure() throws {
         let driver = try VsockDriver()
         defer { driver.close() }
-        let server = try TestUnix.listen(driver.udsPath + "_1234")
-        defer {
-            Glibc.close(server)
-            unlink(driver.udsPath + "_1234")
-        }
-        try driver.send(driver.packet(Vsock.Op.request, hostPort: 1234))
-        #expect(try driver.receive()?.header.op == Vsock.Op.response)
-        let host = accept(server, nil, nil)
+        let host = try driver.connectedHost()
         defer { Glibc.close(host) }
         let chunkSize = Vsock.maxPayload
         let window = Int(VirtioVsockDevice.bufferAllocation)
@@ -545,15 +542,7 @@ struct VirtioVsockUnitTests {
     func slowHostReader() throws {
         let driver = try VsockDriver()
         defer { driver.close() }
-        let server = try TestUnix.listen(driver.udsPath + "_1234")
-        defer {
-            Glibc.close(server)
-            unlink(driver.udsPath + "_1234")
-        }
-        try driver.send(driver.packet(Vsock.Op.request, hostPort: 1234))
-        #expect(try driver.receive()?.header.op == Vsock.Op.response)
-        let host = accept(server, nil, nil)
-        try #require(host >= 0)
+        let host = try driver.connectedHost()
         defer { Glibc.close(host) }
         // A small send buffer on the device's socket: each time the host reads, the device
         // can write only a little of what it holds, so its buffer never empties.
@@ -717,15 +706,7 @@ struct VirtioVsockUnitTests {
     func forcedClose() throws {
         let driver = try VsockDriver(closeTimeoutNanoseconds: 50_000_000)
         defer { driver.close() }
-        let server = try TestUnix.listen(driver.udsPath + "_1234")
-        defer {
-            Glibc.close(server)
-            unlink(driver.udsPath + "_1234")
-        }
-        try driver.send(driver.packet(Vsock.Op.request, hostPort: 1234))
-        #expect(try driver.receive()?.header.op == Vsock.Op.response)
-        let host = accept(server, nil, nil)
-        try #require(host >= 0)
+        let host = try driver.connectedHost()
         defer { Glibc.close(host) }
         let deviceFD = try #require(driver.device.hostDescriptors.first)
         var sendBuffer: Int32 = 4096

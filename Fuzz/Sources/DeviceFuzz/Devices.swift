@@ -43,18 +43,8 @@ let vsockDirectory: String = {
 let vsockPortOne: Int32 = {
     let path = vsockDirectory + "/v.sock_1"
     _ = unlink(path)
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue), 0)
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-        let bytes = Array(path.utf8)
-        raw.copyBytes(from: bytes)
-        raw[bytes.count] = 0
-    }
-    let bound = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
-    check(fd >= 0 && bound == 0 && listen(fd, 64) == 0, "the vsock port-1 listener")
+    // Non-blocking, so drainPortOne stops when nothing is queued.
+    let fd = must { try UnixSocket.listen(path: path, mode: 0o600, backlog: 64) }
     return fd
 }()
 
